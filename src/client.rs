@@ -1,0 +1,60 @@
+//! Client side of `ticker.v1`, for the `ticker` CLI, tests and embedding programs:
+//! connecting, and request constructors that read like the protocol.
+
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
+use crate::pb::{
+    ticker_request::Action, ticker_stream_service_client::TickerStreamServiceClient,
+    PublishRequest, TickerRequest,
+};
+
+pub use crate::pb::ticker_response::Kind;
+
+/// A connected client.
+pub type Client = TickerStreamServiceClient<Channel>;
+
+/// Connects to `url` (`http://host:port`) with HTTP/2 keepalive, so a dead server is
+/// noticed within seconds.
+pub async fn connect(url: impl Into<String>) -> Result<Client, tonic::transport::Error> {
+    let channel = endpoint(url)?.connect().await?;
+    Ok(TickerStreamServiceClient::new(channel))
+}
+
+/// The endpoint `connect` uses, for callers that need to adjust it further.
+pub fn endpoint(url: impl Into<String>) -> Result<Endpoint, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(url.into())?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .tcp_nodelay(true))
+}
+
+impl TickerRequest {
+    pub fn subscribe(symbol: impl Into<String>) -> TickerRequest {
+        TickerRequest {
+            symbol: symbol.into(),
+            action: Action::Subscribe as i32,
+        }
+    }
+
+    pub fn unsubscribe(symbol: impl Into<String>) -> TickerRequest {
+        TickerRequest {
+            symbol: symbol.into(),
+            action: Action::Unsubscribe as i32,
+        }
+    }
+}
+
+impl PublishRequest {
+    /// A tick stamped by the server on arrival.
+    pub fn new(symbol: impl Into<String>, ltp: f64) -> PublishRequest {
+        PublishRequest {
+            symbol: symbol.into(),
+            ltp,
+            event_time_unix_nanos: 0,
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! Command-line and environment configuration of `tickerd`. Every flag reads a
+//! `TICKERD_*` variable too; `--help` is the reference. The server consumes it.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Parser, ValueEnum};
+
+use crate::feed::FeedKind;
+
+/// tickerd: real-time market-data fan-out over gRPC (ticker.v1.TickerStreamService).
+///
+/// Clients open one TickerStream, subscribe and unsubscribe by symbol at will, and
+/// receive every tick of those symbols. Every flag can also be set through the
+/// environment variable named in its help. Durations take units: 500ms, 5s, 2m.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "tickerd", version, max_term_width = 100)]
+pub struct Config {
+    /// Address to listen on for gRPC (host:port).
+    #[arg(long, env = "TICKERD_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// Where ticks come from: `sim` (random-walk simulator), `none` (only the Publish
+    /// RPC) or `replay:PATH` (a CSV file of `symbol,price[,unix_nanos]` lines).
+    /// Publish works with every feed.
+    #[arg(long, env = "TICKERD_FEED", default_value = "sim")]
+    pub feed: FeedKind,
+
+    /// Number of simulated symbols (SYM00, SYM01, ...); ignored with --symbols-file.
+    #[arg(long, env = "TICKERD_SYMBOLS", default_value_t = 100)]
+    pub symbols: usize,
+
+    /// File of symbols, one per line (`#` starts a comment). They are known from
+    /// start-up, so clients can subscribe before their first tick; the simulator
+    /// ticks exactly these.
+    #[arg(long, env = "TICKERD_SYMBOLS_FILE")]
+    pub symbols_file: Option<PathBuf>,
+
+    /// Feed rate in ticks per second over all symbols: the simulator's rate, and the
+    /// pace of replayed lines that carry no timestamp.
+    #[arg(long, env = "TICKERD_RATE", default_value_t = 1000.0)]
+    pub rate: f64,
+
+    /// Seed of the simulator's random walk: the same seed gives the same prices.
+    #[arg(long, env = "TICKERD_SEED", default_value_t = 1)]
+    pub seed: u64,
+
+    /// Replay pace relative to the file's timestamps: 1 = real time, 10 = ten times
+    /// faster, 0 = as fast as possible.
+    #[arg(long, env = "TICKERD_REPLAY_SPEED", default_value_t = 1.0)]
+    pub replay_speed: f64,
+
+    /// Accept subscriptions to symbols never seen yet (they count against
+    /// --max-symbols and wait for their first tick) instead of rejecting them as
+    /// "unknown symbol".
+    #[arg(long, env = "TICKERD_ALLOW_UNKNOWN_SYMBOLS")]
+    pub allow_unknown_symbols: bool,
+
+    /// Most distinct symbols the server keeps; a new symbol past it is rejected.
+    #[arg(long, env = "TICKERD_MAX_SYMBOLS", default_value_t = 100_000)]
+    pub max_symbols: usize,
+
+    /// Ticks kept per symbol for subscribers that fall behind. A stream further behind
+    /// loses the oldest and is told with KIND_LAGGED and the exact count.
+    #[arg(long, env = "TICKERD_CHANNEL_CAPACITY", default_value_t = 4096,
+          value_parser = positive)]
+    pub channel_capacity: usize,
+
+    /// Most symbols one stream may subscribe to; past it KIND_REJECTED (Subscribe:
+    /// INVALID_ARGUMENT).
+    #[arg(
+        long,
+        env = "TICKERD_MAX_SUBSCRIPTIONS_PER_STREAM",
+        default_value_t = 1000
+    )]
+    pub max_subscriptions_per_stream: usize,
+
+    /// Server-wide cap on open TickerStream, Subscribe and Publish calls; past it new
+    /// calls fail with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "TICKERD_MAX_STREAMS", default_value_t = 20_000)]
+    pub max_streams: usize,
+
+    /// HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: streams one connection may open at once.
+    #[arg(long, env = "TICKERD_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
+    pub max_concurrent_streams: u32,
+
+    /// HTTP/2: streams a client may open and reset before the server accepts them
+    /// (rapid-reset guard); past it the connection is closed.
+    #[arg(
+        long,
+        env = "TICKERD_HTTP2_MAX_PENDING_ACCEPT_RESET_STREAMS",
+        default_value_t = 32
+    )]
+    pub http2_max_pending_accept_reset_streams: usize,
+
+    /// HTTP/2: streams the server may reset for protocol errors on one connection
+    /// before closing it.
+    #[arg(
+        long,
+        env = "TICKERD_HTTP2_MAX_LOCAL_ERROR_RESET_STREAMS",
+        default_value_t = 256
+    )]
+    pub http2_max_local_error_reset_streams: usize,
+
+    /// HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE in bytes.
+    #[arg(long, env = "TICKERD_HTTP2_MAX_HEADER_LIST_SIZE", default_value_t = 16 * 1024)]
+    pub http2_max_header_list_size: u32,
+
+    /// HTTP/2 PING interval on idle connections, so dead peers are found.
+    #[arg(long, env = "TICKERD_HTTP2_KEEPALIVE_INTERVAL", default_value = "30s",
+          value_parser = humantime::parse_duration)]
+    pub http2_keepalive_interval: Duration,
+
+    /// How long a PING may go unanswered before the connection is closed.
+    #[arg(long, env = "TICKERD_HTTP2_KEEPALIVE_TIMEOUT", default_value = "10s",
+          value_parser = humantime::parse_duration)]
+    pub http2_keepalive_timeout: Duration,
+
+    /// TCP keepalive idle time on accepted connections.
+    #[arg(long, env = "TICKERD_TCP_KEEPALIVE", default_value = "60s",
+          value_parser = humantime::parse_duration)]
+    pub tcp_keepalive: Duration,
+
+    /// Largest request message accepted, in bytes (a GetQuotes of 1000 symbols is
+    /// about 34 KiB).
+    #[arg(long, env = "TICKERD_MAX_DECODING_MESSAGE_SIZE", default_value_t = 64 * 1024)]
+    pub max_decoding_message_size: usize,
+
+    /// Largest response message sent, in bytes.
+    #[arg(long, env = "TICKERD_MAX_ENCODING_MESSAGE_SIZE", default_value_t = 4 * 1024 * 1024)]
+    pub max_encoding_message_size: usize,
+
+    /// On SIGINT/SIGTERM, how long open streams get to end before the process exits
+    /// regardless (a client that stopped reading cannot hold it longer).
+    #[arg(long, env = "TICKERD_DRAIN_TIMEOUT", default_value = "5s",
+          value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// How often channels of symbols without subscribers are freed.
+    #[arg(long, env = "TICKERD_PRUNE_INTERVAL", default_value = "30s",
+          value_parser = humantime::parse_duration)]
+    pub prune_interval: Duration,
+
+    /// Log line format; the level comes from RUST_LOG (default `info`).
+    #[arg(long, env = "TICKERD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+fn positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("{s:?} is not a positive whole number")),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+impl Config {
+    /// The configuration of a start with no flags (`TICKERD_*` variables still apply),
+    /// for embedding and tests; `listen` is unused when the caller binds the listener.
+    pub fn defaults() -> Config {
+        Config::parse_from(["tickerd"])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Config::command().debug_assert();
+    }
+
+    #[test]
+    fn every_flag_has_a_tickerd_env_var() {
+        use clap::CommandFactory;
+        for arg in Config::command().get_arguments() {
+            if matches!(arg.get_id().as_str(), "help" | "version") {
+                continue;
+            }
+            let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+            assert!(
+                env.as_deref().is_some_and(|e| e.starts_with("TICKERD_")),
+                "--{} has env {env:?}",
+                arg.get_id()
+            );
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! The replay feed (`--feed replay:PATH`): publishes a CSV file's ticks, paced by the
+//! lines' timestamps divided by `--replay-speed` (lines without one at `--rate`).
+//! Replayed ticks are stamped with the time they are published, as a live feed's are.
+
+use std::{path::PathBuf, time::Duration};
+
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    time::Instant,
+};
+use tokio_util::sync::CancellationToken;
+
+use super::csv;
+use crate::hub::Hub;
+
+pub struct Replay {
+    path: PathBuf,
+    file: std::fs::File,
+    speed: f64,
+    rate: f64,
+}
+
+impl Replay {
+    /// Opens the file now, so a missing file stops start-up with its name.
+    pub fn open(path: PathBuf, speed: f64, rate: f64) -> std::io::Result<Replay> {
+        let file = std::fs::File::open(&path)?;
+        Ok(Replay {
+            path,
+            file,
+            speed,
+            rate,
+        })
+    }
+
+    pub async fn run(self, hub: Hub, shutdown: CancellationToken) {
+        let path = self.path.display().to_string();
+        let mut lines = BufReader::new(tokio::fs::File::from_std(self.file)).lines();
+        let start = Instant::now();
+        let mut first_ts: Option<i64> = None;
+        let mut due = start;
+        let (mut line_no, mut published, mut malformed) = (0u64, 0u64, 0u64);
+        tracing::info!(file = %path, speed = self.speed, "replay started");
+        loop {
+            let line = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                line = lines.next_line() => line,
+            };
+            let line = match line {
+                Ok(Some(line)) => line,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!(file = %path, line = line_no + 1, error = %e, "replay read failed; stopping");
+                    break;
+                }
+            };
+            line_no += 1;
+            let tick = match csv::parse_line(&line) {
+                Ok(Some(tick)) => tick,
+                Ok(None) => continue,
+                Err(reason) => {
+                    malformed += 1;
+                    tracing::warn!(file = %path, line = line_no, %reason, "malformed replay line skipped");
+                    continue;
+                }
+            };
+            if self.speed > 0.0 {
+                due = match tick.unix_nanos {
+                    Some(ts) => {
+                        let t0 = *first_ts.get_or_insert(ts);
+                        let offset = (ts.saturating_sub(t0).max(0) as f64 / self.speed) as u64;
+                        start + Duration::from_nanos(offset)
+                    }
+                    None if self.rate > 0.0 => due + Duration::from_secs_f64(1.0 / self.rate),
+                    None => due,
+                };
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep_until(due) => {}
+                }
+            }
+            match hub.publish(&tick.symbol, tick.price, 0) {
+                Ok(_) => published += 1,
+                Err(e) => {
+                    tracing::warn!(file = %path, line = line_no, error = %e, "replayed tick rejected")
+                }
+            }
+        }
+        tracing::info!(file = %path, published, malformed, "replay finished");
+    }
+}

@@ -1,0 +1,440 @@
+//! The hub: per-symbol seq, last value and bounded broadcast channel. Feeds and the
+//! Publish RPC write into it (`publish`); sessions read from it (`subscribe`).
+//!
+//! Publishing never waits for a subscriber: each channel has overflow on (the oldest
+//! tick is dropped when a receiver falls `channel_capacity` behind) and await_active
+//! off. Each tick is encoded once, here, and its bytes are shared by every stream.
+
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc, Mutex, MutexGuard,
+};
+
+use async_broadcast::{Receiver, Sender, TrySendError};
+use bytes::Bytes;
+use dashmap::{mapref::entry::Entry, DashMap};
+use prost::Message;
+
+use crate::{
+    clock,
+    pb::{ticker_response::Kind, TickerResponse},
+    symbol::{self, Symbol, SymbolError},
+};
+
+/// One accepted tick. Shared (`Arc`) by the last-value slot and every receiver.
+#[derive(Debug)]
+pub struct Tick {
+    pub symbol: Symbol,
+    pub seq: u64,
+    pub ltp: f64,
+    pub event_time_unix_nanos: i64,
+    /// The `TickerResponse` (kind KIND_TICK) as protobuf bytes, encoded once.
+    pub encoded: Bytes,
+}
+
+impl Tick {
+    /// This tick as a message of the given kind (snapshots, quotes).
+    pub fn to_response(&self, kind: Kind) -> TickerResponse {
+        TickerResponse {
+            symbol: self.symbol.to_string(),
+            ltp: self.ltp,
+            timestamp: clock::rfc3339_nanos(self.event_time_unix_nanos),
+            seq: self.seq,
+            event_time_unix_nanos: self.event_time_unix_nanos,
+            kind: kind as i32,
+            ..Default::default()
+        }
+    }
+}
+
+/// Hub limits; see the matching `--` flags in `config`.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    pub channel_capacity: usize,
+    pub max_symbols: usize,
+    pub allow_unknown_symbols: bool,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            channel_capacity: 4096,
+            max_symbols: 100_000,
+            allow_unknown_symbols: false,
+        }
+    }
+}
+
+/// Why a tick was not accepted. `Display` is the text a client or log sees.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PublishError {
+    #[error(transparent)]
+    Symbol(#[from] SymbolError),
+    #[error("invalid price {0}: must be finite and positive")]
+    Price(f64),
+    #[error("invalid event time {0}: must not be negative")]
+    EventTime(i64),
+    #[error("symbol limit reached ({0} symbols): new symbol refused")]
+    SymbolLimit(usize),
+}
+
+/// Why a subscription was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SubscribeError {
+    #[error(transparent)]
+    Symbol(#[from] SymbolError),
+    #[error("unknown symbol")]
+    Unknown,
+    #[error("symbol limit reached ({0} symbols): new symbol refused")]
+    SymbolLimit(usize),
+}
+
+/// A new subscription: the receiver of live ticks and the last value at the moment it
+/// was created; every tick the receiver yields has a greater seq than the snapshot.
+pub struct Subscription {
+    pub receiver: Receiver<Arc<Tick>>,
+    pub snapshot: Option<Arc<Tick>>,
+}
+
+/// Counters for operators and tests; relaxed atomics, never a lock.
+#[derive(Debug, Default)]
+pub struct HubStats {
+    pub accepted: AtomicU64,
+    pub rejected: AtomicU64,
+    /// Ticks pushed out of a full channel: some receiver of that symbol will see a gap.
+    pub overflowed: AtomicU64,
+}
+
+/// Cheap-to-clone handle on the shared hub.
+#[derive(Clone)]
+pub struct Hub {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    config: HubConfig,
+    symbols: DashMap<Symbol, Arc<SymbolSlot>>,
+    stats: HubStats,
+}
+
+struct SymbolSlot {
+    symbol: Symbol,
+    state: Mutex<SymbolState>,
+}
+
+#[derive(Default)]
+struct SymbolState {
+    seq: u64,
+    last: Option<Arc<Tick>>,
+    /// Present while the symbol has (or recently had) subscribers; dropped when the
+    /// channel is found without receivers, so idle symbols hold no queue.
+    sender: Option<Sender<Arc<Tick>>>,
+}
+
+impl SymbolSlot {
+    // A poisoned lock only means another thread panicked mid-update of plain values;
+    // the state is still consistent enough to keep serving.
+    fn lock(&self) -> MutexGuard<'_, SymbolState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Hub {
+    pub fn new(config: HubConfig) -> Hub {
+        Hub {
+            shared: Arc::new(Shared {
+                config,
+                symbols: DashMap::new(),
+                stats: HubStats::default(),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &HubConfig {
+        &self.shared.config
+    }
+
+    pub fn stats(&self) -> &HubStats {
+        &self.shared.stats
+    }
+
+    /// Number of known symbols.
+    pub fn symbol_count(&self) -> usize {
+        self.shared.symbols.len()
+    }
+
+    pub fn is_known(&self, symbol: &str) -> bool {
+        self.shared.symbols.contains_key(symbol)
+    }
+
+    /// Makes symbols known without a tick (`--symbols-file`), within the symbol limit.
+    pub fn declare(&self, symbol: &str) -> Result<(), PublishError> {
+        symbol::validate(symbol)?;
+        self.slot_or_insert(symbol)
+            .map(|_| ())
+            .map_err(PublishError::SymbolLimit)
+    }
+
+    /// Accepts one tick: assigns the next seq, stores it as the last value and offers it
+    /// to the symbol's subscribers without waiting. `event_time_unix_nanos == 0` means
+    /// "now". Returns the tick's seq.
+    pub fn publish(
+        &self,
+        symbol: &str,
+        ltp: f64,
+        event_time_unix_nanos: i64,
+    ) -> Result<u64, PublishError> {
+        let result = self.try_publish(symbol, ltp, event_time_unix_nanos);
+        let counter = if result.is_ok() {
+            &self.stats().accepted
+        } else {
+            &self.stats().rejected
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        result
+    }
+
+    fn try_publish(&self, symbol: &str, ltp: f64, event_time: i64) -> Result<u64, PublishError> {
+        if !(ltp.is_finite() && ltp > 0.0) {
+            return Err(PublishError::Price(ltp));
+        }
+        if event_time < 0 {
+            return Err(PublishError::EventTime(event_time));
+        }
+        let slot = match self.shared.symbols.get(symbol) {
+            Some(slot) => Arc::clone(&slot),
+            None => {
+                symbol::validate(symbol)?;
+                self.slot_or_insert(symbol)
+                    .map_err(PublishError::SymbolLimit)?
+            }
+        };
+        let event_time = if event_time == 0 {
+            clock::now_unix_nanos()
+        } else {
+            event_time
+        };
+
+        let mut state = slot.lock();
+        state.seq += 1;
+        let seq = state.seq;
+        let tick = Arc::new(encode_tick(&slot.symbol, seq, ltp, event_time));
+        state.last = Some(Arc::clone(&tick));
+        if let Some(sender) = &state.sender {
+            match sender.try_broadcast(tick) {
+                Ok(None) => {}
+                Ok(Some(_oldest)) => {
+                    self.stats().overflowed.fetch_add(1, Ordering::Relaxed);
+                }
+                // Every receiver is gone: prune the channel. (Full cannot happen with
+                // overflow on, Inactive cannot happen as the hub keeps no inactive receiver.)
+                Err(
+                    TrySendError::Closed(_) | TrySendError::Inactive(_) | TrySendError::Full(_),
+                ) => {
+                    state.sender = None;
+                }
+            }
+        }
+        Ok(seq)
+    }
+
+    /// Opens a receiver on `symbol`'s channel together with its last value, atomically
+    /// with respect to `publish`, so the snapshot and the live ticks never overlap or
+    /// leave a hole.
+    pub fn subscribe(&self, symbol: &str) -> Result<Subscription, SubscribeError> {
+        symbol::validate(symbol)?;
+        let slot = match self.shared.symbols.get(symbol) {
+            Some(slot) => Arc::clone(&slot),
+            None if self.shared.config.allow_unknown_symbols => self
+                .slot_or_insert(symbol)
+                .map_err(SubscribeError::SymbolLimit)?,
+            None => return Err(SubscribeError::Unknown),
+        };
+        let mut state = slot.lock();
+        let receiver = match &state.sender {
+            Some(sender) if !sender.is_closed() => sender.new_receiver(),
+            _ => {
+                let (mut sender, receiver) =
+                    async_broadcast::broadcast(self.shared.config.channel_capacity.max(1));
+                sender.set_overflow(true);
+                sender.set_await_active(false);
+                state.sender = Some(sender);
+                receiver
+            }
+        };
+        Ok(Subscription {
+            receiver,
+            snapshot: state.last.clone(),
+        })
+    }
+
+    /// The last tick of `symbol`, if it is known and has ticked.
+    pub fn last(&self, symbol: &str) -> Option<Arc<Tick>> {
+        let slot = self.shared.symbols.get(symbol).map(|s| Arc::clone(&s))?;
+        let last = slot.lock().last.clone();
+        last
+    }
+
+    /// Receivers currently open on `symbol` (0 for an unknown or idle symbol).
+    pub fn receiver_count(&self, symbol: &str) -> usize {
+        let Some(slot) = self.shared.symbols.get(symbol).map(|s| Arc::clone(&s)) else {
+            return 0;
+        };
+        let state = slot.lock();
+        state.sender.as_ref().map_or(0, |s| s.receiver_count())
+    }
+
+    /// Drops the channels of symbols nobody listens to any more. Publishing prunes
+    /// lazily too; this sweep covers symbols that stopped ticking.
+    pub fn prune_idle_channels(&self) -> usize {
+        let mut pruned = 0;
+        for entry in self.shared.symbols.iter() {
+            let mut state = entry.value().lock();
+            if state
+                .sender
+                .as_ref()
+                .is_some_and(|s| s.receiver_count() == 0)
+            {
+                state.sender = None;
+                pruned += 1;
+            }
+        }
+        pruned
+    }
+
+    /// The slot of `symbol`, created if the symbol limit allows; `Err(max)` otherwise.
+    fn slot_or_insert(&self, symbol: &str) -> Result<Arc<SymbolSlot>, usize> {
+        let max = self.shared.config.max_symbols;
+        // The length check races with other inserters by at most one per shard lock
+        // holder; the limit is a memory guard, not an exact quota.
+        if self.shared.symbols.len() >= max && !self.shared.symbols.contains_key(symbol) {
+            return Err(max);
+        }
+        let symbol: Symbol = Arc::from(symbol);
+        let slot = match self.shared.symbols.entry(Arc::clone(&symbol)) {
+            Entry::Occupied(e) => Arc::clone(e.get()),
+            Entry::Vacant(e) => {
+                let slot = Arc::new(SymbolSlot {
+                    symbol,
+                    state: Mutex::default(),
+                });
+                e.insert(Arc::clone(&slot));
+                slot
+            }
+        };
+        Ok(slot)
+    }
+}
+
+fn encode_tick(symbol: &Symbol, seq: u64, ltp: f64, event_time_unix_nanos: i64) -> Tick {
+    let msg = TickerResponse {
+        symbol: symbol.to_string(),
+        ltp,
+        timestamp: clock::rfc3339_nanos(event_time_unix_nanos),
+        seq,
+        event_time_unix_nanos,
+        ..Default::default()
+    };
+    Tick {
+        symbol: Arc::clone(symbol),
+        seq,
+        ltp,
+        event_time_unix_nanos,
+        encoded: Bytes::from(msg.encode_to_vec()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub(capacity: usize) -> Hub {
+        Hub::new(HubConfig {
+            channel_capacity: capacity,
+            max_symbols: 3,
+            allow_unknown_symbols: false,
+        })
+    }
+
+    #[test]
+    fn seq_starts_at_one_and_snapshot_precedes_live_ticks() {
+        let hub = hub(8);
+        assert_eq!(hub.publish("A", 1.0, 5), Ok(1));
+        assert_eq!(hub.publish("A", 2.0, 0), Ok(2));
+        let mut sub = hub.subscribe("A").unwrap();
+        assert_eq!(sub.snapshot.as_ref().map(|t| t.seq), Some(2));
+        hub.publish("A", 3.0, 0).unwrap();
+        let next = sub.receiver.try_recv().unwrap();
+        assert_eq!((next.seq, next.ltp), (3, 3.0));
+        let decoded = TickerResponse::decode(next.encoded.clone()).unwrap();
+        assert_eq!(decoded.seq, 3);
+        assert_eq!(decoded.kind, Kind::Tick as i32);
+        assert_eq!(
+            decoded.timestamp,
+            clock::rfc3339_nanos(decoded.event_time_unix_nanos)
+        );
+    }
+
+    #[test]
+    fn publish_never_blocks_and_drops_the_oldest() {
+        let hub = hub(4);
+        hub.publish("A", 1.0, 0).unwrap();
+        let mut sub = hub.subscribe("A").unwrap();
+        for i in 0..10 {
+            hub.publish("A", 10.0 + f64::from(i), 0).unwrap();
+        }
+        assert_eq!(hub.stats().overflowed.load(Ordering::Relaxed), 6);
+        assert!(matches!(
+            sub.receiver.try_recv(),
+            Err(async_broadcast::TryRecvError::Overflowed(6))
+        ));
+        assert_eq!(sub.receiver.try_recv().unwrap().seq, 8);
+    }
+
+    #[test]
+    fn rejects_bad_ticks_and_unknown_or_excess_symbols() {
+        let hub = hub(4);
+        assert!(matches!(hub.publish("A", f64::NAN, 0), Err(PublishError::Price(p)) if p.is_nan()));
+        assert!(matches!(
+            hub.publish("A", f64::INFINITY, 0),
+            Err(PublishError::Price(_))
+        ));
+        assert!(matches!(
+            hub.publish("A", -1.0, 0),
+            Err(PublishError::Price(_))
+        ));
+        assert!(matches!(
+            hub.publish("A", 1.0, -5),
+            Err(PublishError::EventTime(-5))
+        ));
+        assert!(matches!(
+            hub.publish("A B", 1.0, 0),
+            Err(PublishError::Symbol(_))
+        ));
+        assert!(matches!(
+            hub.subscribe("NOPE"),
+            Err(SubscribeError::Unknown)
+        ));
+        for s in ["A", "B", "C"] {
+            hub.publish(s, 1.0, 0).unwrap();
+        }
+        assert_eq!(hub.publish("D", 1.0, 0), Err(PublishError::SymbolLimit(3)));
+        assert_eq!(hub.symbol_count(), 3);
+        assert_eq!(hub.stats().rejected.load(Ordering::Relaxed), 6);
+    }
+
+    #[test]
+    fn idle_channels_are_pruned() {
+        let hub = hub(4);
+        hub.publish("A", 1.0, 0).unwrap();
+        let sub = hub.subscribe("A").unwrap();
+        assert_eq!(hub.receiver_count("A"), 1);
+        drop(sub);
+        assert_eq!(hub.prune_idle_channels(), 1);
+        assert_eq!(hub.receiver_count("A"), 0);
+        // and a later subscriber gets a fresh channel that works
+        let mut sub = hub.subscribe("A").unwrap();
+        hub.publish("A", 2.0, 0).unwrap();
+        assert_eq!(sub.receiver.try_recv().unwrap().seq, 2);
+    }
+}

@@ -1,0 +1,32 @@
+//! tickerd: a real-time market-data fan-out server over gRPC.
+//!
+//! Data flows feed → [`hub`] (per-symbol channels, last value, seq) → [`session`] (one
+//! client stream) → [`service`] (gRPC status mapping) → [`server`] (limits, lifecycle).
+//! [`client`] holds what the `ticker` CLI and the tests use to talk to a server.
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod clock;
+pub mod codec;
+pub mod config;
+pub mod feed;
+pub mod hub;
+pub mod server;
+pub mod service;
+pub mod session;
+pub mod symbol;
+pub mod telemetry;
+
+/// The `ticker.v1` contract: messages and client (prost), server trait (tonic-build).
+#[allow(clippy::all, clippy::pedantic)]
+pub mod pb {
+    tonic::include_proto!("ticker.v1");
+    include!(concat!(
+        env!("OUT_DIR"),
+        "/ticker.v1.TickerStreamService.rs"
+    ));
+
+    /// Encoded `FileDescriptorSet` of `proto/`, for reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/ticker_descriptor.bin"));
+}

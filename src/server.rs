@@ -1,0 +1,246 @@
+//! The server: builds the hub, the feed and the service from a `Config`, serves them with
+//! health and reflection under explicit HTTP/2 limits on a listener the caller bound, and
+//! drains on the caller's shutdown future. The `tickerd` binary is a thin wrapper.
+
+use std::{future::Future, io, path::PathBuf, time::Duration};
+
+use tokio::{net::TcpListener, sync::oneshot};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+
+use crate::{
+    config::Config,
+    feed::{self, Feed, FeedKind, Replay, Simulator},
+    hub::{Hub, HubConfig},
+    pb::{self, ticker_stream_service_server::TickerStreamServiceServer},
+    service::{ServiceLimits, TickerService},
+    session::SessionLimits,
+    symbol::{self, Symbol},
+};
+
+/// Why the server could not start or stopped serving. Each message names the input at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot read symbols file {path}: {source}")]
+    SymbolsFile { path: PathBuf, source: io::Error },
+    #[error("symbols file {path}, line {line}: {reason}")]
+    SymbolsFileLine {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+    #[error("cannot open replay file {path}: {source}")]
+    ReplayFile { path: PathBuf, source: io::Error },
+    #[error("reflection descriptors are invalid: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("serving failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// A configured server, not yet serving.
+pub struct Server {
+    config: Config,
+    hub: Hub,
+    service: TickerService,
+    feed: Option<Feed>,
+    shutdown: CancellationToken,
+}
+
+impl Server {
+    /// Builds everything the config names and checks its input files.
+    pub fn new(config: Config) -> Result<Server, ServerError> {
+        let hub = Hub::new(HubConfig {
+            channel_capacity: config.channel_capacity,
+            max_symbols: config.max_symbols,
+            allow_unknown_symbols: config.allow_unknown_symbols,
+        });
+        let listed = match &config.symbols_file {
+            Some(path) => Some(read_symbols_file(path)?),
+            None => None,
+        };
+        let feed = match &config.feed {
+            FeedKind::Sim => {
+                let symbols = listed
+                    .clone()
+                    .unwrap_or_else(|| feed::sim_symbols(config.symbols));
+                Some(Feed::Sim(Simulator::new(symbols, config.rate, config.seed)))
+            }
+            FeedKind::None => None,
+            FeedKind::Replay(path) => Some(Feed::Replay(
+                Replay::open(path.clone(), config.replay_speed, config.rate).map_err(|source| {
+                    ServerError::ReplayFile {
+                        path: path.clone(),
+                        source,
+                    }
+                })?,
+            )),
+        };
+        // Simulated symbols are known from the start, like a listed file's.
+        let known = match (&listed, &feed) {
+            (Some(listed), _) => listed.clone(),
+            (None, Some(Feed::Sim(_))) => feed::sim_symbols(config.symbols),
+            (None, _) => Vec::new(),
+        };
+        for s in &known {
+            if let Err(e) = hub.declare(s) {
+                tracing::warn!(symbol = %s, error = %e, "symbol not declared");
+            }
+        }
+        let shutdown = CancellationToken::new();
+        let limits = ServiceLimits {
+            session: SessionLimits {
+                max_subscriptions: config.max_subscriptions_per_stream,
+            },
+            max_streams: config.max_streams,
+        };
+        let service = TickerService::new(hub.clone(), limits, shutdown.clone());
+        Ok(Server {
+            config,
+            hub,
+            service,
+            feed,
+            shutdown,
+        })
+    }
+
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    pub fn service(&self) -> &TickerService {
+        &self.service
+    }
+
+    /// Serves on `listener` until `signal` resolves, then: health NOT_SERVING, open
+    /// streams end with UNAVAILABLE "server shutting down", and this returns once they
+    /// are gone or `--drain-timeout` has passed, whichever is first.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        signal: impl Future<Output = ()>,
+    ) -> Result<(), ServerError> {
+        let Server {
+            config,
+            hub,
+            service,
+            feed,
+            shutdown,
+        } = self;
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<TickerStreamServiceServer<TickerService>>()
+            .await;
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+        let ticker = TickerStreamServiceServer::new(service.clone())
+            .max_decoding_message_size(config.max_decoding_message_size)
+            .max_encoding_message_size(config.max_encoding_message_size);
+
+        let feed_task = feed.map(|f| f.spawn(hub.clone(), shutdown.clone()));
+        tokio::spawn(prune_idle_channels(
+            hub.clone(),
+            config.prune_interval,
+            shutdown.clone(),
+        ));
+
+        let incoming = TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(config.tcp_keepalive));
+        let (stop_accepting, stopped) = oneshot::channel::<()>();
+        let serving = tonic::transport::Server::builder()
+            .max_concurrent_streams(config.max_concurrent_streams)
+            .http2_max_pending_accept_reset_streams(Some(
+                config.http2_max_pending_accept_reset_streams,
+            ))
+            .http2_max_local_error_reset_streams(Some(config.http2_max_local_error_reset_streams))
+            .http2_max_header_list_size(config.http2_max_header_list_size)
+            .http2_keepalive_interval(Some(config.http2_keepalive_interval))
+            .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
+            .tcp_nodelay(true)
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(ticker)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stopped.await;
+            });
+        tokio::pin!(serving);
+
+        tokio::select! {
+            result = &mut serving => {
+                shutdown.cancel();
+                return result.map_err(ServerError::from);
+            }
+            _ = signal => {}
+        }
+        tracing::info!(
+            open_streams = service.active_streams(),
+            drain_timeout = ?config.drain_timeout,
+            "shutting down: draining streams"
+        );
+        health
+            .set_not_serving::<TickerStreamServiceServer<TickerService>>()
+            .await;
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        shutdown.cancel();
+        let _ = stop_accepting.send(());
+        if let Some(task) = feed_task {
+            task.abort();
+        }
+        match tokio::time::timeout(config.drain_timeout, &mut serving).await {
+            Ok(result) => result?,
+            Err(_) => tracing::warn!(
+                open_streams = service.active_streams(),
+                "drain timeout passed; closing the remaining streams"
+            ),
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+async fn prune_idle_channels(hub: Hub, every: Duration, shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval(every.max(Duration::from_millis(10)));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {
+                let pruned = hub.prune_idle_channels();
+                if pruned > 0 {
+                    tracing::debug!(pruned, "idle symbol channels freed");
+                }
+            }
+        }
+    }
+}
+
+/// Reads `--symbols-file`: one symbol per line, blank lines and `#` comments skipped.
+fn read_symbols_file(path: &PathBuf) -> Result<Vec<Symbol>, ServerError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ServerError::SymbolsFile {
+        path: path.clone(),
+        source,
+    })?;
+    let mut symbols = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let name = line.split('#').next().unwrap_or_default().trim();
+        if name.is_empty() {
+            continue;
+        }
+        symbol::validate(name).map_err(|e| ServerError::SymbolsFileLine {
+            path: path.clone(),
+            line: i + 1,
+            reason: e.to_string(),
+        })?;
+        symbols.push(Symbol::from(name));
+    }
+    Ok(symbols)
+}
