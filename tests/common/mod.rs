@@ -1,0 +1,273 @@
+//! The one harness every integration test uses: a real server on 127.0.0.1:0 (in
+//! process, or the real `tickerd` binary), real tonic clients, and helpers that wait
+//! for messages with a deadline so a broken server fails a test instead of hanging it.
+#![allow(dead_code)]
+
+use std::{
+    future::Future,
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use tickerd::{
+    client::{self, Client, Kind},
+    config::Config,
+    hub::Hub,
+    pb::{PublishRequest, PublishResponse, TickerRequest, TickerResponse},
+    server::Server,
+    service::TickerService,
+};
+use tokio::{net::TcpListener, sync::mpsc, sync::oneshot, task::JoinHandle};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
+
+/// Longest any single expected event may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// A server running in this process.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub hub: Hub,
+    pub service: TickerService,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), tickerd::server::ServerError>>>,
+}
+
+/// The test defaults: no feed, so every tick is one the test published.
+pub fn test_config() -> Config {
+    let mut config = Config::defaults();
+    config.feed = tickerd::feed::FeedKind::None;
+    config.drain_timeout = Duration::from_secs(2);
+    config
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        Self::with(|_| {}).await
+    }
+
+    pub async fn with(adjust: impl FnOnce(&mut Config)) -> TestServer {
+        let mut config = test_config();
+        adjust(&mut config);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let server = Server::new(config).expect("server config");
+        let (hub, service) = (server.hub().clone(), server.service().clone());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.serve(listener, async {
+            let _ = stopped.await;
+        }));
+        TestServer {
+            addr,
+            hub,
+            service,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn client(&self) -> Client {
+        client::connect(self.url()).await.expect("connect")
+    }
+
+    /// Signals shutdown and returns `serve`'s future to await.
+    pub fn shutdown(&mut self) -> JoinHandle<Result<(), tickerd::server::ServerError>> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.take().expect("shutdown once")
+    }
+}
+
+/// A bidirectional TickerStream: requests go in through `tx`.
+pub struct Stream {
+    pub tx: Option<mpsc::Sender<TickerRequest>>,
+    pub rx: Streaming<TickerResponse>,
+}
+
+impl Stream {
+    pub async fn open(client: &mut Client) -> Stream {
+        let (tx, rx) = mpsc::channel(64);
+        let response = client
+            .ticker_stream(ReceiverStream::new(rx))
+            .await
+            .expect("open stream");
+        Stream {
+            tx: Some(tx),
+            rx: response.into_inner(),
+        }
+    }
+
+    pub async fn send(&self, request: TickerRequest) {
+        self.tx
+            .as_ref()
+            .expect("not half-closed")
+            .send(request)
+            .await
+            .expect("send request");
+    }
+
+    pub async fn subscribe(&self, symbol: &str) {
+        self.send(TickerRequest::subscribe(symbol)).await;
+    }
+
+    pub async fn unsubscribe(&self, symbol: &str) {
+        self.send(TickerRequest::unsubscribe(symbol)).await;
+    }
+
+    /// Ends the request side; the response side stays open.
+    pub fn half_close(&mut self) {
+        self.tx = None;
+    }
+
+    pub async fn next(&mut self) -> TickerResponse {
+        next(&mut self.rx).await
+    }
+
+    /// Next message, which must be of `kind` for `symbol`.
+    pub async fn expect(&mut self, kind: Kind, symbol: &str) -> TickerResponse {
+        let msg = self.next().await;
+        assert_eq!(
+            (msg.kind(), msg.symbol.as_str()),
+            (kind, symbol),
+            "unexpected {msg:?}"
+        );
+        msg
+    }
+
+    /// Subscribes and consumes the ack.
+    pub async fn subscribed(&mut self, symbol: &str) {
+        self.subscribe(symbol).await;
+        self.expect(Kind::Subscribed, symbol).await;
+    }
+}
+
+/// The next message of a response stream; fails on error, end or deadline.
+pub async fn next(rx: &mut Streaming<TickerResponse>) -> TickerResponse {
+    match within(rx.message()).await {
+        Ok(Some(msg)) => msg,
+        Ok(None) => panic!("stream ended"),
+        Err(status) => panic!("stream failed: {status:?}"),
+    }
+}
+
+/// The stream's end: `Ok(())` for a clean end, else its status.
+pub async fn end(rx: &mut Streaming<TickerResponse>) -> Result<(), Status> {
+    loop {
+        match within(rx.message()).await {
+            Ok(Some(_)) => continue,
+            Ok(None) => return Ok(()),
+            Err(status) => return Err(status),
+        }
+    }
+}
+
+/// Awaits `f`, failing the test past `DEADLINE`.
+pub async fn within<F: Future>(f: F) -> F::Output {
+    tokio::time::timeout(DEADLINE, f)
+        .await
+        .expect("timed out waiting for the server")
+}
+
+/// Polls `check` until it holds, failing past `DEADLINE`. For state with no event to
+/// await (counters settling after a connection is torn down).
+pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never happened: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Publishes ticks over one Publish call and returns the server's counts.
+pub async fn publish(client: &mut Client, ticks: Vec<PublishRequest>) -> PublishResponse {
+    within(client.publish(tokio_stream::iter(ticks)))
+        .await
+        .expect("publish")
+        .into_inner()
+}
+
+/// `n` server-stamped ticks of `symbol`, prices 1.0, 2.0, ...
+pub fn ticks(symbol: &str, n: usize) -> Vec<PublishRequest> {
+    (1..=n)
+        .map(|i| PublishRequest::new(symbol, i as f64))
+        .collect()
+}
+
+/// The real `tickerd` binary on 127.0.0.1:0, its address read from its log.
+pub struct TickerdProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub log: mpsc::UnboundedReceiver<String>,
+}
+
+impl TickerdProcess {
+    pub fn spawn(args: &[&str]) -> TickerdProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tickerd"))
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tickerd");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, mut log) = mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let addr = loop {
+            let line = log
+                .blocking_recv()
+                .expect("tickerd exited before listening");
+            if line.contains("tickerd listening") {
+                let start = line.find("\"addr\":\"").expect("addr field") + 8;
+                let rest = &line[start..];
+                break rest[..rest.find('"').expect("addr end")]
+                    .parse()
+                    .expect("addr");
+            }
+        };
+        TickerdProcess { child, addr, log }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Waits for a log line containing every one of `needles`; returns it.
+    pub async fn log_line(&mut self, needles: &[&str]) -> String {
+        loop {
+            let line = within(self.log.recv()).await.expect("tickerd log closed");
+            if needles.iter().all(|n| line.contains(n)) {
+                return line;
+            }
+        }
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args(["-s", name, &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+}
+
+impl Drop for TickerdProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
