@@ -211,11 +211,16 @@ pub struct TickerdProcess {
 }
 
 impl TickerdProcess {
-    pub fn spawn(args: &[&str]) -> TickerdProcess {
+    pub async fn spawn(args: &[&str]) -> TickerdProcess {
+        Self::spawn_with_env(args, &[]).await
+    }
+
+    pub async fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> TickerdProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tickerd"))
             .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -228,8 +233,8 @@ impl TickerdProcess {
             }
         });
         let addr = loop {
-            let line = log
-                .blocking_recv()
+            let line = within(log.recv())
+                .await
                 .expect("tickerd exited before listening");
             if line.contains("tickerd listening") {
                 let start = line.find("\"addr\":\"").expect("addr field") + 8;
