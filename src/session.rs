@@ -263,3 +263,100 @@ fn lagged(symbol: &str, dropped: u64) -> TickerResponse {
         ..Default::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use futures_util::task::noop_waker_ref;
+    use tokio::sync::Semaphore;
+
+    use super::*;
+    use crate::hub::HubConfig;
+
+    fn session(hub: &Hub) -> Session {
+        let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+        let limits = SessionLimits { max_subscriptions: 10 };
+        Session::new(hub.clone(), limits, None, CancellationToken::new(), permit)
+    }
+
+    /// Everything the session yields before it would wait.
+    fn drain(session: &mut Session) -> Vec<TickerResponse> {
+        let mut cx = Context::from_waker(noop_waker_ref());
+        let mut out = Vec::new();
+        while let Poll::Ready(Some(item)) = Pin::new(&mut *session).poll_next(&mut cx) {
+            out.push(item.unwrap().to_response());
+        }
+        out
+    }
+
+    fn kinds(msgs: &[TickerResponse]) -> Vec<(Kind, u64)> {
+        msgs.iter().map(|m| (m.kind(), if m.kind() == Kind::Lagged { m.dropped } else { m.seq })).collect()
+    }
+
+    #[test]
+    fn every_ready_tick_is_yielded_in_one_poll_pass() {
+        let hub = Hub::new(HubConfig::default());
+        hub.publish("A", 1.0, 0).unwrap();
+        let mut s = session(&hub);
+        s.subscribe("A");
+        assert_eq!(kinds(&drain(&mut s)), [(Kind::Subscribed, 0), (Kind::Snapshot, 1)]);
+        for i in 0..10 {
+            hub.publish("A", 2.0 + f64::from(i), 0).unwrap();
+        }
+        let seqs: Vec<u64> = drain(&mut s).iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, (2..=11).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn overflow_becomes_an_exact_lag_notice_before_the_next_tick() {
+        let hub = Hub::new(HubConfig { channel_capacity: 4, ..HubConfig::default() });
+        hub.publish("A", 1.0, 0).unwrap();
+        let mut s = session(&hub);
+        s.subscribe("A");
+        drain(&mut s);
+        for _ in 0..10 {
+            hub.publish("A", 1.0, 0).unwrap();
+        }
+        assert_eq!(
+            kinds(&drain(&mut s)),
+            [(Kind::Lagged, 6), (Kind::Tick, 8), (Kind::Tick, 9), (Kind::Tick, 10), (Kind::Tick, 11)]
+        );
+    }
+
+    #[test]
+    fn round_robin_serves_every_symbol() {
+        let hub = Hub::new(HubConfig::default());
+        for s in ["A", "B"] {
+            hub.publish(s, 1.0, 0).unwrap();
+        }
+        let mut s = session(&hub);
+        s.subscribe("A");
+        s.subscribe("B");
+        drain(&mut s);
+        for _ in 0..3 {
+            hub.publish("A", 1.0, 0).unwrap();
+            hub.publish("B", 1.0, 0).unwrap();
+        }
+        let symbols: String = drain(&mut s).iter().map(|m| m.symbol.clone()).collect();
+        assert_eq!(symbols, "ABABAB");
+    }
+
+    #[test]
+    fn shutdown_ends_the_stream_with_unavailable() {
+        let hub = Hub::new(HubConfig::default());
+        let token = CancellationToken::new();
+        let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+        let mut s = Session::new(hub, SessionLimits { max_subscriptions: 1 }, None, token.clone(), permit);
+        let mut cx = Context::from_waker(noop_waker_ref());
+        assert!(Pin::new(&mut s).poll_next(&mut cx).is_pending());
+        token.cancel();
+        match Pin::new(&mut s).poll_next(&mut cx) {
+            Poll::Ready(Some(Err(status))) => {
+                assert_eq!((status.code(), status.message()), (tonic::Code::Unavailable, "server shutting down"))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(Pin::new(&mut s).poll_next(&mut cx), Poll::Ready(None)));
+    }
+}
