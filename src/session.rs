@@ -276,7 +276,9 @@ mod tests {
 
     fn session(hub: &Hub) -> Session {
         let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
-        let limits = SessionLimits { max_subscriptions: 10 };
+        let limits = SessionLimits {
+            max_subscriptions: 10,
+        };
         Session::new(hub.clone(), limits, None, CancellationToken::new(), permit)
     }
 
@@ -291,7 +293,18 @@ mod tests {
     }
 
     fn kinds(msgs: &[TickerResponse]) -> Vec<(Kind, u64)> {
-        msgs.iter().map(|m| (m.kind(), if m.kind() == Kind::Lagged { m.dropped } else { m.seq })).collect()
+        msgs.iter()
+            .map(|m| {
+                (
+                    m.kind(),
+                    if m.kind() == Kind::Lagged {
+                        m.dropped
+                    } else {
+                        m.seq
+                    },
+                )
+            })
+            .collect()
     }
 
     #[test]
@@ -300,7 +313,10 @@ mod tests {
         hub.publish("A", 1.0, 0).unwrap();
         let mut s = session(&hub);
         s.subscribe("A");
-        assert_eq!(kinds(&drain(&mut s)), [(Kind::Subscribed, 0), (Kind::Snapshot, 1)]);
+        assert_eq!(
+            kinds(&drain(&mut s)),
+            [(Kind::Subscribed, 0), (Kind::Snapshot, 1)]
+        );
         for i in 0..10 {
             hub.publish("A", 2.0 + f64::from(i), 0).unwrap();
         }
@@ -310,7 +326,10 @@ mod tests {
 
     #[test]
     fn overflow_becomes_an_exact_lag_notice_before_the_next_tick() {
-        let hub = Hub::new(HubConfig { channel_capacity: 4, ..HubConfig::default() });
+        let hub = Hub::new(HubConfig {
+            channel_capacity: 4,
+            ..HubConfig::default()
+        });
         hub.publish("A", 1.0, 0).unwrap();
         let mut s = session(&hub);
         s.subscribe("A");
@@ -320,7 +339,13 @@ mod tests {
         }
         assert_eq!(
             kinds(&drain(&mut s)),
-            [(Kind::Lagged, 6), (Kind::Tick, 8), (Kind::Tick, 9), (Kind::Tick, 10), (Kind::Tick, 11)]
+            [
+                (Kind::Lagged, 6),
+                (Kind::Tick, 8),
+                (Kind::Tick, 9),
+                (Kind::Tick, 10),
+                (Kind::Tick, 11)
+            ]
         );
     }
 
@@ -347,16 +372,30 @@ mod tests {
         let hub = Hub::new(HubConfig::default());
         let token = CancellationToken::new();
         let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
-        let mut s = Session::new(hub, SessionLimits { max_subscriptions: 1 }, None, token.clone(), permit);
+        let mut s = Session::new(
+            hub,
+            SessionLimits {
+                max_subscriptions: 1,
+            },
+            None,
+            token.clone(),
+            permit,
+        );
         let mut cx = Context::from_waker(noop_waker_ref());
         assert!(Pin::new(&mut s).poll_next(&mut cx).is_pending());
         token.cancel();
         match Pin::new(&mut s).poll_next(&mut cx) {
             Poll::Ready(Some(Err(status))) => {
-                assert_eq!((status.code(), status.message()), (tonic::Code::Unavailable, "server shutting down"))
+                assert_eq!(
+                    (status.code(), status.message()),
+                    (tonic::Code::Unavailable, "server shutting down")
+                )
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(Pin::new(&mut s).poll_next(&mut cx), Poll::Ready(None)));
+        assert!(matches!(
+            Pin::new(&mut s).poll_next(&mut cx),
+            Poll::Ready(None)
+        ));
     }
 }
