@@ -11,6 +11,7 @@ pub mod codec;
 pub mod config;
 pub mod feed;
 pub mod hub;
+pub mod loadgen;
 pub mod server;
 pub mod service;
 pub mod session;

@@ -1,0 +1,467 @@
+//! The load generator behind `tickerd-bench`: drives any `ticker.v1` server (tickerd or
+//! the grpc-go reference) the way a busy market does, and measures delivery, loss and
+//! end-to-end latency, plus the server's CPU and memory when given its pid.
+//!
+//! Scenarios: a fixed rate (`--rate`), a ramp that raises the rate step by step until
+//! delivery or p99 fails (`--ramp`), slow consumers among fast ones (`--slow-streams`),
+//! and idle scale (`--idle-streams`, resident memory per stream).
+
+mod procfs;
+mod publisher;
+mod reader;
+mod report;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, OnceLock},
+    time::Duration,
+};
+
+use clap::Args;
+use futures_util::{stream, StreamExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    client::{self, Client},
+    clock,
+    pb::{GetQuotesRequest, PublishRequest},
+};
+use publisher::PublishCounts;
+use reader::{Reader, SharedStats, StepStats};
+pub use report::{IdleReport, Report, SlowReport, StepReport};
+
+/// Options of `tickerd-bench`. Durations take units: 500ms, 5s.
+#[derive(Args, Debug, Clone)]
+pub struct Options {
+    /// Server to load, as http://host:port.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    pub server: String,
+    /// Client connections; streams are spread over them round-robin.
+    #[arg(long, default_value_t = 50)]
+    pub conns: usize,
+    /// Subscribing TickerStreams.
+    #[arg(long, default_value_t = 1000)]
+    pub streams: usize,
+    /// Symbols each stream subscribes to (consecutive, wrapping, so every symbol gets
+    /// the same number of subscribers).
+    #[arg(long, default_value_t = 10)]
+    pub subs_per_stream: usize,
+    /// Symbols published (named B000, B001, ...; published once before the run so the
+    /// server knows them).
+    #[arg(long, default_value_t = 100)]
+    pub symbols: usize,
+    /// Ticks per second published through one Publish call (the first step's rate with --ramp).
+    #[arg(long, default_value_t = 5000.0)]
+    pub rate: f64,
+    /// Measured time (per step with --ramp).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Unmeasured time before the measurement (and at the start of each ramp step).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+    /// How long to wait after publishing ends for ticks still in flight.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub grace: Duration,
+    /// Raise the rate step by step (x --ramp-factor) until delivery falls below
+    /// --min-delivery or p99 passes --max-p99; report the highest rate that passed.
+    #[arg(long)]
+    pub ramp: bool,
+    /// Rate multiplier between ramp steps.
+    #[arg(long, default_value_t = 1.25)]
+    pub ramp_factor: f64,
+    /// Most ramp steps.
+    #[arg(long, default_value_t = 12)]
+    pub ramp_steps: usize,
+    /// A step passes only with p99 latency at most this.
+    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+    pub max_p99: Duration,
+    /// A step passes only if this share of expected deliveries arrived.
+    #[arg(long, default_value_t = 0.95)]
+    pub min_delivery: f64,
+    /// Streams that stop reading after subscribing (the first N, one per connection
+    /// while N <= --conns); reported apart, and checked for exact KIND_LAGGED counts
+    /// when they catch up at the end.
+    #[arg(long, default_value_t = 0)]
+    pub slow_streams: usize,
+    /// Idle-scale scenario instead: open this many streams subscribed to one quiet
+    /// symbol each and report the server's resident memory per stream (needs --server-pid).
+    #[arg(long)]
+    pub idle_streams: Option<usize>,
+    /// The server's pid, to report its CPU per delivered tick and its memory.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Print the report as JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The timeline shared by the publisher and every reader, in Unix nanoseconds.
+#[derive(Debug)]
+pub struct Schedule {
+    pub start: i64,
+    pub steps: Vec<Step>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Step {
+    pub rate: f64,
+    /// Ticks stamped in [measure_from, end) count for this step; earlier ones of the
+    /// step are warm-up.
+    pub measure_from: i64,
+    pub end: i64,
+}
+
+impl Schedule {
+    fn new(opts: &Options, start: i64) -> Schedule {
+        let (warmup, measured) = (
+            opts.warmup.as_nanos() as i64,
+            opts.duration.as_nanos() as i64,
+        );
+        let count = if opts.ramp { opts.ramp_steps.max(1) } else { 1 };
+        let steps = (0..count)
+            .map(|i| {
+                let begin = start + i as i64 * (warmup + measured);
+                Step {
+                    rate: opts.rate * opts.ramp_factor.powi(i as i32),
+                    measure_from: begin + warmup,
+                    end: begin + warmup + measured,
+                }
+            })
+            .collect();
+        Schedule { start, steps }
+    }
+
+    /// The step whose measured window holds `t`; `steps.len()` for none.
+    pub fn step_of(&self, t: i64) -> usize {
+        self.steps
+            .iter()
+            .position(|s| t >= s.measure_from && t < s.end)
+            .unwrap_or(self.steps.len())
+    }
+
+    /// The publishing rate at `t` (0 outside the schedule).
+    pub fn rate_at(&self, t: i64) -> f64 {
+        if t < self.start {
+            return 0.0;
+        }
+        self.steps
+            .iter()
+            .find(|s| t < s.end)
+            .map_or(0.0, |s| s.rate)
+    }
+
+    pub fn end(&self) -> i64 {
+        self.steps.last().map_or(self.start, |s| s.end)
+    }
+}
+
+/// Errors that end a run.
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// The schedule, set once every stream is open; ticks before that count in no step.
+pub type ScheduleCell = Arc<OnceLock<Schedule>>;
+
+fn step_of(cell: &ScheduleCell, t: i64) -> usize {
+    cell.get().map_or(usize::MAX, |s| s.step_of(t))
+}
+
+struct Fleet {
+    fast: Vec<SharedStats>,
+    slow: Vec<(SharedStats, tokio::task::JoinHandle<reader::CatchUp>)>,
+    fast_tasks: Vec<tokio::task::JoinHandle<reader::CatchUp>>,
+    /// Fast (reading) subscribers per symbol index.
+    subscribers: Vec<u64>,
+}
+
+/// Runs the scenario the options describe and returns its report.
+pub async fn run(opts: Options) -> Result<Report, Error> {
+    let symbols: Arc<Vec<String>> = Arc::new(
+        (0..opts.symbols.max(1))
+            .map(|i| format!("B{i:03}"))
+            .collect(),
+    );
+    let mut clients = Vec::with_capacity(opts.conns.max(1));
+    for _ in 0..opts.conns.max(1) {
+        clients.push(client::connect(opts.server.clone()).await?);
+    }
+    let seed: Vec<PublishRequest> = symbols
+        .iter()
+        .map(|s| PublishRequest::new(s.clone(), 100.0))
+        .collect();
+    clients[0].clone().publish(tokio_stream::iter(seed)).await?;
+    let pid = opts.server_pid.map(|p| p.to_string());
+    if let Some(n) = opts.idle_streams {
+        return idle(&clients, &symbols, pid.as_deref(), n)
+            .await
+            .map(Report::Idle);
+    }
+
+    let cell: ScheduleCell = Arc::new(OnceLock::new());
+    let stop = CancellationToken::new();
+    let resume = CancellationToken::new();
+    let until = Arc::new(OnceLock::new());
+    let fleet = open_fleet(&opts, &clients, &symbols, &cell, &stop, &resume, &until).await?;
+
+    let start = clock::now_unix_nanos() + 100_000_000;
+    let _ = cell.set(Schedule::new(&opts, start));
+    let schedule = cell.get().ok_or("schedule unset")?;
+    let counts = Arc::new(Mutex::new(PublishCounts::default()));
+    let publishing = tokio::spawn(publisher::run(
+        clients[0].clone(),
+        symbols.clone(),
+        cell.clone(),
+        counts.clone(),
+        stop.clone(),
+    ));
+
+    let mut steps = Vec::new();
+    for (i, step) in schedule.steps.iter().enumerate() {
+        sleep_until_unix(step.measure_from).await;
+        let cpu_start = (
+            pid.as_deref().and_then(procfs::cpu_seconds),
+            procfs::cpu_seconds("self"),
+        );
+        sleep_until_unix(step.end).await;
+        let cpu_end = (
+            pid.as_deref().and_then(procfs::cpu_seconds),
+            procfs::cpu_seconds("self"),
+        );
+        tokio::time::sleep(opts.grace).await;
+        let stats = merged(&fleet.fast, i);
+        let (offered, sent) = {
+            let c = counts.lock().unwrap_or_else(|e| e.into_inner());
+            (
+                c.offered.get(i).copied().unwrap_or(0),
+                c.sent_per_symbol.get(i).cloned().unwrap_or_default(),
+            )
+        };
+        let expected: u64 = sent
+            .iter()
+            .zip(&fleet.subscribers)
+            .map(|(n, subs)| n * subs)
+            .sum();
+        let report = StepReport::new(
+            step,
+            (step.end - step.measure_from) as f64 / 1e9,
+            offered,
+            sent.iter().sum(),
+            expected,
+            &stats,
+            cpu_end.0.zip(cpu_start.0).map(|(e, s)| e - s),
+            cpu_end.1.zip(cpu_start.1).map(|(e, s)| e - s),
+        );
+        let passed = report.passes(opts.min_delivery, opts.max_p99);
+        steps.push(report);
+        if opts.ramp && !passed {
+            break;
+        }
+    }
+    stop_publishing(&stop, publishing, &counts).await?;
+
+    let slow = catch_up(&clients[0], &symbols, fleet.slow, &resume, &until).await?;
+    stop.cancel();
+    for task in fleet.fast_tasks {
+        let _ = task.await;
+    }
+    Ok(Report::Run {
+        options: report::OptionsEcho::from(&opts),
+        steps,
+        slow,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn open_fleet(
+    opts: &Options,
+    clients: &[Client],
+    symbols: &Arc<Vec<String>>,
+    cell: &ScheduleCell,
+    stop: &CancellationToken,
+    resume: &CancellationToken,
+    until: &Arc<OnceLock<HashMap<String, u64>>>,
+) -> Result<Fleet, Error> {
+    let buckets = if opts.ramp { opts.ramp_steps.max(1) } else { 1 };
+    let subs_per_stream = opts.subs_per_stream.max(1);
+    let mut subscribers = vec![0u64; symbols.len()];
+    let mut plans = Vec::new();
+    for j in 0..opts.streams {
+        let indices: Vec<usize> = (0..subs_per_stream)
+            .map(|k| (j * subs_per_stream + k) % symbols.len())
+            .collect();
+        let slow = j < opts.slow_streams;
+        if !slow {
+            indices.iter().for_each(|&i| subscribers[i] += 1);
+        }
+        let stats: SharedStats = Arc::new(Mutex::new(vec![StepStats::new(); buckets]));
+        plans.push((
+            j,
+            indices
+                .iter()
+                .map(|&i| symbols[i].clone())
+                .collect::<Vec<_>>(),
+            stats,
+            slow,
+        ));
+    }
+    let opened: Vec<_> = stream::iter(plans)
+        .map(|(j, subs, stats, slow)| {
+            let mut client = clients[j % clients.len()].clone();
+            let reader = Reader {
+                symbols: subs,
+                stats: stats.clone(),
+                resume: slow.then(|| resume.clone()),
+                stop: stop.clone(),
+                schedule: cell.clone(),
+            };
+            let until = until.clone();
+            async move {
+                reader
+                    .start(&mut client, until)
+                    .await
+                    .map(|task| (stats, task, slow))
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let mut fleet = Fleet {
+        fast: Vec::new(),
+        slow: Vec::new(),
+        fast_tasks: Vec::new(),
+        subscribers,
+    };
+    for r in opened {
+        let (stats, task, slow) = r?;
+        if slow {
+            fleet.slow.push((stats, task));
+        } else {
+            fleet.fast.push(stats);
+            fleet.fast_tasks.push(task);
+        }
+    }
+    Ok(fleet)
+}
+
+fn merged(all: &[SharedStats], step: usize) -> StepStats {
+    let mut total = StepStats::new();
+    for stats in all {
+        let stats = stats.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = stats.get(step) {
+            total.merge(s);
+        }
+    }
+    total
+}
+
+async fn stop_publishing(
+    stop: &CancellationToken,
+    publishing: tokio::task::JoinHandle<Result<crate::pb::PublishResponse, tonic::Status>>,
+    counts: &Mutex<PublishCounts>,
+) -> Result<(), Error> {
+    // The publisher ends by itself at the schedule's end, or early for a failed ramp.
+    if !publishing.is_finished() {
+        stop.cancel();
+    }
+    let reply = publishing.await??;
+    let sent = counts.lock().unwrap_or_else(|e| e.into_inner()).total_sent;
+    if reply.accepted != sent {
+        return Err(format!("server accepted {} of {sent} ticks sent", reply.accepted).into());
+    }
+    Ok(())
+}
+
+/// Lets the slow streams read up to the last published seq of their symbols, and checks
+/// that every tick is either received or reported dropped by a KIND_LAGGED notice.
+async fn catch_up(
+    client: &Client,
+    symbols: &[String],
+    slow: Vec<(SharedStats, tokio::task::JoinHandle<reader::CatchUp>)>,
+    resume: &CancellationToken,
+    until: &OnceLock<HashMap<String, u64>>,
+) -> Result<Option<SlowReport>, Error> {
+    if slow.is_empty() {
+        return Ok(None);
+    }
+    let quotes = client
+        .clone()
+        .get_quotes(GetQuotesRequest {
+            symbols: symbols.to_vec(),
+        })
+        .await?
+        .into_inner()
+        .quotes;
+    let last: HashMap<String, u64> = quotes.into_iter().map(|q| (q.symbol, q.seq)).collect();
+    let _ = until.set(last.clone());
+    resume.cancel();
+    let mut report = SlowReport {
+        streams: slow.len(),
+        ..SlowReport::default()
+    };
+    for (stats, task) in slow {
+        let done = tokio::time::timeout(Duration::from_secs(60), task).await??;
+        let stats = stats.lock().unwrap_or_else(|e| e.into_inner());
+        report.lag_notices += stats.iter().map(|s| s.lag_notices).sum::<u64>();
+        report.unannounced_gaps += stats.iter().map(|s| s.unannounced_gaps).sum::<u64>();
+        for (symbol, received) in &done.received {
+            let dropped = done.dropped.get(symbol).copied().unwrap_or(0);
+            let from = done.snapshot_seq.get(symbol).copied().unwrap_or(0);
+            let to = last.get(symbol).copied().unwrap_or(0);
+            report.received += received;
+            report.dropped += dropped;
+            if received + dropped != to - from {
+                report.inexact_symbols += 1;
+            }
+        }
+    }
+    Ok(Some(report))
+}
+
+/// Opens `n` streams, each subscribed to one symbol that never ticks, and reports the
+/// server's resident memory growth per stream.
+async fn idle(
+    clients: &[Client],
+    symbols: &[String],
+    pid: Option<&str>,
+    n: usize,
+) -> Result<IdleReport, Error> {
+    let pid = pid.ok_or("--idle-streams needs --server-pid")?;
+    let before = procfs::rss_bytes(pid).ok_or("cannot read the server's memory")?;
+    let stop = CancellationToken::new();
+    let cell: ScheduleCell = Arc::new(OnceLock::new());
+    let until = Arc::new(OnceLock::new());
+    let opened: Vec<_> = stream::iter(0..n)
+        .map(|j| {
+            let mut client = clients[j % clients.len()].clone();
+            let reader = Reader {
+                symbols: vec![symbols[j % symbols.len()].clone()],
+                stats: Arc::new(Mutex::new(Vec::new())),
+                resume: None,
+                stop: stop.clone(),
+                schedule: cell.clone(),
+            };
+            let until = until.clone();
+            async move { reader.start(&mut client, until).await }
+        })
+        .buffer_unordered(256)
+        .collect()
+        .await;
+    let mut tasks = Vec::new();
+    for r in opened {
+        tasks.push(r?);
+    }
+    // Let allocator and runtime settle before reading the resident size.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = procfs::rss_bytes(pid).ok_or("cannot read the server's memory")?;
+    stop.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    Ok(IdleReport::new(n, clients.len(), before, after))
+}
+
+async fn sleep_until_unix(t: i64) {
+    let wait = t - clock::now_unix_nanos();
+    if wait > 0 {
+        tokio::time::sleep(Duration::from_nanos(wait as u64)).await;
+    }
+}
