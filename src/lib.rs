@@ -15,6 +15,7 @@ pub mod loadgen;
 pub mod server;
 pub mod service;
 pub mod session;
+pub mod shutdown;
 pub mod symbol;
 pub mod telemetry;
 

@@ -5,7 +5,6 @@
 use std::{future::Future, io, path::PathBuf, time::Duration};
 
 use tokio::{net::TcpListener, sync::oneshot};
-use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
@@ -16,6 +15,7 @@ use crate::{
     pb::{self, ticker_stream_service_server::TickerStreamServiceServer},
     service::{ServiceLimits, TickerService},
     session::SessionLimits,
+    shutdown::Shutdown,
     symbol::{self, Symbol},
 };
 
@@ -44,7 +44,7 @@ pub struct Server {
     hub: Hub,
     service: TickerService,
     feed: Option<Feed>,
-    shutdown: CancellationToken,
+    shutdown: Shutdown,
 }
 
 impl Server {
@@ -87,7 +87,7 @@ impl Server {
                 tracing::warn!(symbol = %s, error = %e, "symbol not declared");
             }
         }
-        let shutdown = CancellationToken::new();
+        let shutdown = Shutdown::new();
         let limits = ServiceLimits {
             session: SessionLimits {
                 max_subscriptions: config.max_subscriptions_per_stream,
@@ -143,12 +143,10 @@ impl Server {
             .max_decoding_message_size(config.max_decoding_message_size)
             .max_encoding_message_size(config.max_encoding_message_size);
 
-        let feed_task = feed.map(|f| f.spawn(hub.clone(), shutdown.clone()));
-        tokio::spawn(prune_idle_channels(
-            hub.clone(),
-            config.prune_interval,
-            shutdown.clone(),
-        ));
+        let feed_task = feed.map(|f| f.spawn(hub.clone(), shutdown.token().clone()));
+        let prune =
+            prune_idle_channels(hub.clone(), config.prune_interval, shutdown.token().clone());
+        tokio::spawn(prune);
 
         let incoming = TcpIncoming::from(listener)
             .with_nodelay(Some(true))
@@ -175,7 +173,7 @@ impl Server {
 
         tokio::select! {
             result = &mut serving => {
-                shutdown.cancel();
+                shutdown.trigger();
                 return result.map_err(ServerError::from);
             }
             _ = signal => {}
@@ -191,7 +189,7 @@ impl Server {
         health
             .set_service_status("", ServingStatus::NotServing)
             .await;
-        shutdown.cancel();
+        shutdown.trigger();
         let _ = stop_accepting.send(());
         if let Some(task) = feed_task {
             task.abort();
@@ -208,7 +206,11 @@ impl Server {
     }
 }
 
-async fn prune_idle_channels(hub: Hub, every: Duration, shutdown: CancellationToken) {
+async fn prune_idle_channels(
+    hub: Hub,
+    every: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
     let mut ticker = tokio::time::interval(every.max(Duration::from_millis(10)));
     loop {
         tokio::select! {

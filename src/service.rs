@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
@@ -15,6 +14,7 @@ use crate::{
         GetQuotesResponse, PublishRequest, PublishResponse, SubscribeRequest, TickerRequest,
     },
     session::{Session, SessionLimits},
+    shutdown::Shutdown,
     symbol,
 };
 
@@ -35,12 +35,12 @@ pub struct TickerService {
     hub: Hub,
     limits: ServiceLimits,
     streams: Arc<Semaphore>,
-    shutdown: CancellationToken,
+    shutdown: Shutdown,
 }
 
 impl TickerService {
     /// `shutdown` ends every open stream with UNAVAILABLE when cancelled.
-    pub fn new(hub: Hub, limits: ServiceLimits, shutdown: CancellationToken) -> TickerService {
+    pub fn new(hub: Hub, limits: ServiceLimits, shutdown: Shutdown) -> TickerService {
         let streams = Arc::new(Semaphore::new(limits.max_streams));
         TickerService {
             hub,
@@ -56,7 +56,7 @@ impl TickerService {
     }
 
     fn admit(&self) -> Result<OwnedSemaphorePermit, Status> {
-        if self.shutdown.is_cancelled() {
+        if self.shutdown.is_triggered() {
             return Err(Status::unavailable("server shutting down"));
         }
         Arc::clone(&self.streams).try_acquire_owned().map_err(|_| {
@@ -137,7 +137,7 @@ impl TickerStreamService for TickerService {
         loop {
             let next = tokio::select! {
                 biased;
-                _ = self.shutdown.cancelled() => {
+                _ = self.shutdown.token().cancelled() => {
                     return Err(Status::unavailable(format!(
                         "server shutting down ({} accepted, {} rejected before it)",
                         counts.accepted, counts.rejected

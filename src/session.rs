@@ -19,13 +19,14 @@ use std::{
 use async_broadcast::{Receiver, RecvError};
 use futures_core::Stream;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::WaitForCancellationFutureOwned;
 use tonic::{Status, Streaming};
 
 use crate::{
     codec::Outbound,
     hub::{Hub, SubscribeError, Tick},
     pb::{ticker_request::Action, ticker_response::Kind, TickerRequest, TickerResponse},
+    shutdown::Shutdown,
     symbol::{self, Symbol},
 };
 
@@ -51,7 +52,11 @@ pub struct Session {
     held: Option<Arc<Tick>>,
     /// Round-robin start, so one busy symbol cannot starve the others.
     cursor: usize,
-    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    shutdown: Shutdown,
+    /// Polled once, to have this stream's task woken on shutdown (and kept, as dropping
+    /// it would unregister the task); later polls only read the lock-free flag.
+    shutdown_wake: Pin<Box<WaitForCancellationFutureOwned>>,
+    shutdown_armed: bool,
     finished: bool,
     _permit: OwnedSemaphorePermit,
 }
@@ -69,9 +74,10 @@ impl Session {
         hub: Hub,
         limits: SessionLimits,
         requests: Option<Streaming<TickerRequest>>,
-        shutdown: CancellationToken,
+        shutdown: Shutdown,
         permit: OwnedSemaphorePermit,
     ) -> Session {
+        let shutdown_wake = Box::pin(shutdown.token().clone().cancelled_owned());
         Session {
             hub,
             limits,
@@ -80,7 +86,9 @@ impl Session {
             control: VecDeque::new(),
             held: None,
             cursor: 0,
-            shutdown: Box::pin(shutdown.cancelled_owned()),
+            shutdown,
+            shutdown_wake,
+            shutdown_armed: false,
             finished: false,
             _permit: permit,
         }
@@ -227,7 +235,12 @@ impl Stream for Session {
         if this.finished {
             return Poll::Ready(None);
         }
-        if this.shutdown.as_mut().poll(cx).is_ready() {
+        if !this.shutdown_armed {
+            // Registers this stream's task; the token's wake-up lands here again.
+            let _ = this.shutdown_wake.as_mut().poll(cx);
+            this.shutdown_armed = true;
+        }
+        if this.shutdown.is_triggered() {
             this.finished = true;
             return Poll::Ready(Some(Err(Status::unavailable("server shutting down"))));
         }
@@ -279,7 +292,7 @@ mod tests {
         let limits = SessionLimits {
             max_subscriptions: 10,
         };
-        Session::new(hub.clone(), limits, None, CancellationToken::new(), permit)
+        Session::new(hub.clone(), limits, None, Shutdown::new(), permit)
     }
 
     /// Everything the session yields before it would wait.
@@ -370,7 +383,7 @@ mod tests {
     #[test]
     fn shutdown_ends_the_stream_with_unavailable() {
         let hub = Hub::new(HubConfig::default());
-        let token = CancellationToken::new();
+        let shutdown = Shutdown::new();
         let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
         let mut s = Session::new(
             hub,
@@ -378,12 +391,12 @@ mod tests {
                 max_subscriptions: 1,
             },
             None,
-            token.clone(),
+            shutdown.clone(),
             permit,
         );
         let mut cx = Context::from_waker(noop_waker_ref());
         assert!(Pin::new(&mut s).poll_next(&mut cx).is_pending());
-        token.cancel();
+        shutdown.trigger();
         match Pin::new(&mut s).poll_next(&mut cx) {
             Poll::Ready(Some(Err(status))) => {
                 assert_eq!(
