@@ -87,6 +87,10 @@ pub struct Options {
     /// symbol each and report the server's resident memory per stream (needs --server-pid).
     #[arg(long)]
     pub idle_streams: Option<usize>,
+    /// HTTP/2 stream window of the client connections, in bytes (default: tonic's, 2 MiB).
+    /// A small window makes stalled streams back up into the server sooner.
+    #[arg(long)]
+    pub stream_window: Option<u32>,
     /// The server's pid, to report its CPU per delivered tick and its memory.
     #[arg(long)]
     pub server_pid: Option<u32>,
@@ -182,7 +186,10 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
     );
     let mut clients = Vec::with_capacity(opts.conns.max(1));
     for _ in 0..opts.conns.max(1) {
-        clients.push(client::connect(opts.server.clone()).await?);
+        let endpoint = client::endpoint(opts.server.clone())?.initial_stream_window_size(opts.stream_window);
+        clients.push(crate::pb::ticker_stream_service_client::TickerStreamServiceClient::new(
+            endpoint.connect().await?,
+        ));
     }
     let seed: Vec<PublishRequest> = symbols
         .iter()

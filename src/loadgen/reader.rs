@@ -117,6 +117,10 @@ impl Reader {
                 Kind::Subscribed => {
                     tracks.entry(msg.symbol).or_default();
                 }
+                Kind::Snapshot => {
+                    tracks.entry(msg.symbol.clone()).or_default().last_seq = msg.seq;
+                    catch_up.snapshot_seq.insert(msg.symbol, msg.seq);
+                }
                 Kind::Rejected => {
                     return Err(tonic::Status::failed_precondition(format!(
                         "subscription to {} rejected: {}",

@@ -156,7 +156,7 @@ impl IdleReport {
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Report::Idle(r) => write!(
+            Report::Idle(r) => writeln!(
                 f,
                 "idle streams: {} on {} connections; server RSS {:.1} MiB -> {:.1} MiB: {:.0} bytes per stream",
                 r.streams,
