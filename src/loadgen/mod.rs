@@ -186,10 +186,13 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
     );
     let mut clients = Vec::with_capacity(opts.conns.max(1));
     for _ in 0..opts.conns.max(1) {
-        let endpoint = client::endpoint(opts.server.clone())?.initial_stream_window_size(opts.stream_window);
-        clients.push(crate::pb::ticker_stream_service_client::TickerStreamServiceClient::new(
-            endpoint.connect().await?,
-        ));
+        let endpoint =
+            client::endpoint(opts.server.clone())?.initial_stream_window_size(opts.stream_window);
+        clients.push(
+            crate::pb::ticker_stream_service_client::TickerStreamServiceClient::new(
+                endpoint.connect().await?,
+            ),
+        );
     }
     let seed: Vec<PublishRequest> = symbols
         .iter()

@@ -1,0 +1,80 @@
+//! In-process fan-out, no network: the hub's publish and its receivers' reads.
+//! `cargo bench --bench hub`. Throughput is in deliveries (one tick read by one receiver).
+
+use std::{hint::black_box, time::Duration};
+
+use async_broadcast::Receiver;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use std::sync::Arc;
+use tickerd::hub::{Hub, HubConfig, Tick};
+
+fn hub() -> Hub {
+    Hub::new(HubConfig {
+        channel_capacity: 1024,
+        ..HubConfig::default()
+    })
+}
+
+fn receivers(hub: &Hub, symbol: &str, n: usize) -> Vec<Receiver<Arc<Tick>>> {
+    hub.publish(symbol, 1.0, 0).unwrap();
+    (0..n)
+        .map(|_| hub.subscribe(symbol).unwrap().receiver)
+        .collect()
+}
+
+fn fan_out_one_symbol(c: &mut Criterion) {
+    let mut group = c.benchmark_group("fan_out_one_symbol");
+    for n in [1usize, 100, 10_000] {
+        let hub = hub();
+        let mut rxs = receivers(&hub, "A", n);
+        group.throughput(Throughput::Elements(n as u64));
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter(|| {
+                hub.publish("A", 2.0, 0).unwrap();
+                for rx in &mut rxs {
+                    black_box(rx.try_recv().unwrap());
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
+fn many_symbols(c: &mut Criterion) {
+    let mut group = c.benchmark_group("symbols_1000_x_receivers_10");
+    let hub = hub();
+    let symbols: Vec<String> = (0..1000).map(|i| format!("S{i:04}")).collect();
+    let mut rxs: Vec<Vec<_>> = symbols.iter().map(|s| receivers(&hub, s, 10)).collect();
+    group.throughput(Throughput::Elements(10_000));
+    group.bench_function("publish_each_then_drain", |b| {
+        b.iter(|| {
+            for s in &symbols {
+                hub.publish(s, 2.0, 0).unwrap();
+            }
+            for set in &mut rxs {
+                for rx in set {
+                    black_box(rx.try_recv().unwrap());
+                }
+            }
+        })
+    });
+    group.finish();
+}
+
+fn publish_without_subscribers(c: &mut Criterion) {
+    let mut group = c.benchmark_group("publish_no_subscriber");
+    let hub = hub();
+    hub.publish("A", 1.0, 0).unwrap();
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("publish", |b| {
+        b.iter(|| hub.publish(black_box("A"), 2.0, 0).unwrap())
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(20).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    targets = fan_out_one_symbol, many_symbols, publish_without_subscribers
+}
+criterion_main!(benches);
