@@ -5,6 +5,7 @@
 //! [`client`] holds what the `ticker` CLI and the tests use to talk to a server.
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod codec;

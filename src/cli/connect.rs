@@ -1,0 +1,265 @@
+//! Connection options shared by every `ticker` subcommand, the channel they build, and the
+//! errors (with their exit codes) that a user reads as sentences.
+
+use std::{fmt, path::PathBuf, time::Duration};
+
+use clap::Args;
+use tonic::{
+    metadata::MetadataValue,
+    service::{interceptor::InterceptedService, Interceptor},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+    Code, Request, Status,
+};
+
+use crate::pb::ticker_stream_service_client::TickerStreamServiceClient;
+
+/// Exit codes, as documented in `ticker --help`.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const USAGE: u8 = 2;
+    pub const CANNOT_CONNECT: u8 = 3;
+    pub const AUTH: u8 = 4;
+    pub const REJECTED: u8 = 5;
+    pub const INTERRUPTED: u8 = 130;
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ConnectOpts {
+    /// Server URL; https:// uses TLS. Repeat to balance streams and calls across
+    /// several servers.
+    #[arg(
+        long = "server",
+        global = true,
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub servers: Vec<String>,
+    /// PEM file of a CA to trust for https:// servers (a private CA).
+    #[arg(long, global = true)]
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate, for servers that require mutual TLS (with --key).
+    #[arg(long, global = true, requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of --cert.
+    #[arg(long, global = true, requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// Bearer token sent as `authorization: Bearer <token>`.
+    #[arg(long, global = true, env = "TICKER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Deadline of unary calls (quote, health, and connecting).
+    #[arg(long, global = true, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+/// Adds the bearer token to every call.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+pub type Client = TickerStreamServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// What went wrong, as a sentence, with the exit code it maps to.
+#[derive(Debug)]
+pub struct CliError {
+    pub code: u8,
+    pub message: String,
+}
+
+impl CliError {
+    pub fn new(code: u8, message: impl Into<String>) -> CliError {
+        CliError {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// An RPC's failure: the gRPC code decides the exit code.
+    pub fn from_status(what: &str, status: &Status) -> CliError {
+        let code = match status.code() {
+            Code::Unauthenticated | Code::PermissionDenied => exit::AUTH,
+            Code::Unavailable | Code::DeadlineExceeded => exit::CANNOT_CONNECT,
+            _ => exit::REJECTED,
+        };
+        let reason = match status.code() {
+            Code::Unauthenticated => format!("not authenticated: {}", status.message()),
+            Code::PermissionDenied => format!("permission denied: {}", status.message()),
+            _ if status.message().is_empty() => format!("{:?}", status.code()),
+            _ => status.message().to_string(),
+        };
+        CliError::new(code, format!("{what}: {reason}"))
+    }
+}
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Whether a failed stream may be retried (subscribe/watch reconnects).
+pub fn retryable(status: &Status) -> bool {
+    !matches!(
+        status.code(),
+        Code::InvalidArgument
+            | Code::Unauthenticated
+            | Code::PermissionDenied
+            | Code::Unimplemented
+            | Code::NotFound
+    )
+}
+
+/// The host:port of a URL, for messages.
+fn authority(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    rest.split('/').next().unwrap_or(rest)
+}
+
+/// The deepest cause of a transport error, lower-cased: "connection refused".
+pub fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = err;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    let text = cause.to_string();
+    // io errors read "Connection refused (os error 111)"
+    let text = text.split(" (os error").next().unwrap_or(&text).to_string();
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(c) => c.to_lowercase().chain(chars).collect(),
+        None => text,
+    }
+}
+
+impl ConnectOpts {
+    fn endpoint(&self, url: &str) -> Result<Endpoint, CliError> {
+        let mut endpoint = crate::client::endpoint(url.to_string())
+            .map_err(|e| {
+                CliError::new(
+                    exit::USAGE,
+                    format!("bad --server {url:?}: {}", root_cause(&e)),
+                )
+            })?
+            .connect_timeout(self.timeout);
+        if url.starts_with("https://") {
+            let mut tls = ClientTlsConfig::new().with_enabled_roots();
+            if let Some(ca) = &self.ca {
+                tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+            }
+            if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+                tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            endpoint = endpoint.tls_config(tls).map_err(|e| {
+                CliError::new(
+                    exit::USAGE,
+                    format!("TLS set-up failed: {}", root_cause(&e)),
+                )
+            })?;
+        }
+        Ok(endpoint)
+    }
+
+    /// Connects now (one server), or builds a balanced channel (several). Errors read
+    /// like "cannot reach 127.0.0.1:50051: connection refused".
+    pub async fn connect(&self) -> Result<Client, CliError> {
+        let channel = match self.servers.as_slice() {
+            [one] => self.endpoint(one)?.connect().await.map_err(|e| {
+                CliError::new(
+                    exit::CANNOT_CONNECT,
+                    format!("cannot reach {}: {}", authority(one), root_cause(&e)),
+                )
+            })?,
+            many => {
+                let endpoints = many
+                    .iter()
+                    .map(|u| self.endpoint(u))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Channel::balance_list(endpoints.into_iter())
+            }
+        };
+        Ok(TickerStreamServiceClient::with_interceptor(
+            channel.clone(),
+            self.bearer()?,
+        ))
+    }
+
+    /// A raw channel to the first server (for the health service).
+    pub async fn channel(&self) -> Result<Channel, CliError> {
+        let url = self
+            .servers
+            .first()
+            .map(String::as_str)
+            .unwrap_or("http://127.0.0.1:50051");
+        self.endpoint(url)?.connect().await.map_err(|e| {
+            CliError::new(
+                exit::CANNOT_CONNECT,
+                format!("cannot reach {}: {}", authority(url), root_cause(&e)),
+            )
+        })
+    }
+
+    pub fn bearer(&self) -> Result<Bearer, CliError> {
+        match &self.token {
+            None => Ok(Bearer(None)),
+            Some(token) => format!("Bearer {token}")
+                .parse()
+                .map(|v| Bearer(Some(v)))
+                .map_err(|_| {
+                    CliError::new(
+                        exit::USAGE,
+                        "the token has characters not allowed in a header",
+                    )
+                }),
+        }
+    }
+
+    /// Where `connect` goes, for messages.
+    pub fn target(&self) -> String {
+        self.servers
+            .iter()
+            .map(|s| authority(s))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+fn read(path: &PathBuf) -> Result<Vec<u8>, CliError> {
+    std::fs::read(path)
+        .map_err(|e| CliError::new(exit::USAGE, format!("cannot read {}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_map_to_documented_exit_codes() {
+        let code = |c| CliError::from_status("x", &Status::new(c, "m")).code;
+        assert_eq!(code(Code::Unauthenticated), exit::AUTH);
+        assert_eq!(code(Code::PermissionDenied), exit::AUTH);
+        assert_eq!(code(Code::Unavailable), exit::CANNOT_CONNECT);
+        assert_eq!(code(Code::InvalidArgument), exit::REJECTED);
+        assert!(!retryable(&Status::unauthenticated("")));
+        assert!(retryable(&Status::unavailable("")));
+        assert!(retryable(&Status::resource_exhausted("")));
+    }
+
+    #[test]
+    fn authority_and_causes_read_well() {
+        assert_eq!(authority("http://127.0.0.1:50051"), "127.0.0.1:50051");
+        assert_eq!(authority("https://h:1/x"), "h:1");
+        let io = std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "Connection refused (os error 111)",
+        );
+        assert_eq!(root_cause(&io), "connection refused");
+    }
+}

@@ -1,0 +1,288 @@
+//! A resilient TickerStream for `ticker subscribe` and `ticker watch`: it follows the
+//! user's add/remove commands, reconnects with backoff when the server goes away,
+//! resubscribes to everything it had, and reports what the outage cost per symbol
+//! (from the seq it last saw to the snapshot it gets back), so a gap is never hidden.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    time::{Duration, Instant},
+};
+
+use rand::{rngs::SmallRng, SeedableRng};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+
+use super::{
+    backoff::{Backoff, BUSY_FLOOR},
+    connect::{exit, retryable, CliError, ConnectOpts},
+};
+use crate::{
+    client::Kind,
+    pb::{TickerRequest, TickerResponse},
+};
+
+/// What the user asks for while the stream runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Add(String),
+    Remove(String),
+}
+
+/// What happens on the stream, for a printer or a board to show.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Tick(TickerResponse),
+    Snapshot(TickerResponse),
+    Subscribed(String),
+    Unsubscribed(String),
+    Rejected {
+        symbol: String,
+        detail: String,
+    },
+    /// The server dropped `dropped` ticks because this client fell behind.
+    Lagged {
+        symbol: String,
+        dropped: u64,
+    },
+    /// Across a reconnect: ticks after `last_seen` up to before `snapshot_seq` were missed.
+    Missed {
+        symbol: String,
+        last_seen: u64,
+        snapshot_seq: u64,
+        missed: u64,
+    },
+    /// Across a reconnect the symbol's seq went backwards: the server restarted its
+    /// sequence, so how much was missed is unknown.
+    SequenceRestarted {
+        symbol: String,
+        last_seen: u64,
+        snapshot_seq: u64,
+    },
+    Disconnected {
+        reason: String,
+        retry_in: Duration,
+        attempt: u32,
+    },
+    Reconnected {
+        symbols: usize,
+    },
+}
+
+enum End {
+    Retry { reason: String, busy: bool },
+    Fatal(CliError),
+}
+
+/// The stream's state that survives reconnects.
+struct Live {
+    opts: ConnectOpts,
+    wanted: BTreeSet<String>,
+    last_seq: HashMap<String, u64>,
+    events: mpsc::Sender<Event>,
+    commands: mpsc::Receiver<Command>,
+    commands_open: bool,
+}
+
+/// Runs until a non-retryable error, `max_retries` consecutive failed attempts, or the
+/// event receiver going away.
+pub async fn run(
+    opts: ConnectOpts,
+    symbols: Vec<String>,
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<Event>,
+    max_retries: Option<u32>,
+) -> Result<(), CliError> {
+    let mut live = Live {
+        opts,
+        wanted: symbols.into_iter().collect(),
+        last_seq: HashMap::new(),
+        events,
+        commands,
+        commands_open: true,
+    };
+    let mut backoff = Backoff::new();
+    let mut rng = SmallRng::seed_from_u64(
+        crate::clock::now_unix_nanos() as u64 ^ u64::from(std::process::id()),
+    );
+    let mut reconnecting = false;
+    loop {
+        let started = Instant::now();
+        let end = live.session(reconnecting).await;
+        let (reason, busy) = match end {
+            End::Fatal(e) => return Err(e),
+            End::Retry { reason, busy } => (reason, busy),
+        };
+        if live.events.is_closed() {
+            return Ok(());
+        }
+        backoff.connection_ended(started.elapsed());
+        if max_retries.is_some_and(|max| backoff.attempts() >= max) {
+            return Err(CliError::new(
+                exit::CANNOT_CONNECT,
+                format!(
+                    "giving up after {} attempts: {reason}",
+                    backoff.attempts() + 1
+                ),
+            ));
+        }
+        let mut delay = backoff.next_delay(&mut rng);
+        if busy {
+            delay = delay.max(BUSY_FLOOR);
+        }
+        let _ = live
+            .events
+            .send(Event::Disconnected {
+                reason,
+                retry_in: delay,
+                attempt: backoff.attempts(),
+            })
+            .await;
+        tokio::time::sleep(delay).await;
+        reconnecting = true;
+    }
+}
+
+impl Live {
+    async fn emit(&self, event: Event) -> Result<(), End> {
+        self.events
+            .send(event)
+            .await
+            .map_err(|_| End::Fatal(CliError::new(exit::OK, "output closed")))
+    }
+
+    async fn session(&mut self, reconnecting: bool) -> End {
+        match self.session_inner(reconnecting).await {
+            Ok(never) => match never {},
+            Err(end) => end,
+        }
+    }
+
+    async fn session_inner(&mut self, reconnecting: bool) -> Result<std::convert::Infallible, End> {
+        let mut client = self.opts.connect().await.map_err(|e| match e.code {
+            exit::CANNOT_CONNECT => End::Retry {
+                reason: e.message,
+                busy: false,
+            },
+            _ => End::Fatal(e),
+        })?;
+        let (tx, rx) = mpsc::channel(1024);
+        for symbol in &self.wanted {
+            let _ = tx.try_send(TickerRequest::subscribe(symbol.clone()));
+        }
+        let mut stream = match client.ticker_stream(ReceiverStream::new(rx)).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => return Err(self.classify(&status)),
+        };
+        if reconnecting {
+            self.emit(Event::Reconnected {
+                symbols: self.wanted.len(),
+            })
+            .await?;
+        }
+        loop {
+            tokio::select! {
+                command = self.commands.recv(), if self.commands_open => match command {
+                    Some(Command::Add(symbol)) => {
+                        self.wanted.insert(symbol.clone());
+                        let _ = tx.send(TickerRequest::subscribe(symbol)).await;
+                    }
+                    Some(Command::Remove(symbol)) => {
+                        self.wanted.remove(&symbol);
+                        self.last_seq.remove(&symbol);
+                        let _ = tx.send(TickerRequest::unsubscribe(symbol)).await;
+                    }
+                    None => self.commands_open = false,
+                },
+                message = stream.message() => match message {
+                    Ok(Some(msg)) => self.on_message(msg).await?,
+                    Ok(None) => {
+                        return Err(End::Retry { reason: "the server ended the stream".into(), busy: false })
+                    }
+                    Err(status) => return Err(self.classify(&status)),
+                },
+            }
+        }
+    }
+
+    fn classify(&self, status: &tonic::Status) -> End {
+        if !retryable(status) {
+            return End::Fatal(CliError::from_status(
+                "the server refused the stream",
+                status,
+            ));
+        }
+        let reason = match status.code() {
+            Code::Unavailable if status.message().is_empty() => {
+                format!("lost the connection to {}", self.opts.target())
+            }
+            _ => format!("{} ({:?})", status.message(), status.code()),
+        };
+        End::Retry {
+            reason,
+            busy: status.code() == Code::ResourceExhausted,
+        }
+    }
+
+    async fn on_message(&mut self, msg: TickerResponse) -> Result<(), End> {
+        let symbol = msg.symbol.clone();
+        let event = match msg.kind() {
+            Kind::Tick => {
+                if let Some(&last_seen) = self.last_seq.get(&symbol) {
+                    // A tick never goes backwards on one server: this one restarted.
+                    if msg.seq <= last_seen {
+                        let snapshot_seq = msg.seq;
+                        self.emit(Event::SequenceRestarted {
+                            symbol: symbol.clone(),
+                            last_seen,
+                            snapshot_seq,
+                        })
+                        .await?;
+                    }
+                }
+                self.last_seq.insert(symbol, msg.seq);
+                Event::Tick(msg)
+            }
+            Kind::Snapshot => {
+                if let Some(&last_seen) = self.last_seq.get(&symbol) {
+                    if msg.seq > last_seen + 1 {
+                        let missed = msg.seq - last_seen - 1;
+                        let snapshot_seq = msg.seq;
+                        self.emit(Event::Missed {
+                            symbol: symbol.clone(),
+                            last_seen,
+                            snapshot_seq,
+                            missed,
+                        })
+                        .await?;
+                    } else if msg.seq < last_seen {
+                        let snapshot_seq = msg.seq;
+                        self.emit(Event::SequenceRestarted {
+                            symbol: symbol.clone(),
+                            last_seen,
+                            snapshot_seq,
+                        })
+                        .await?;
+                    }
+                }
+                self.last_seq.insert(symbol, msg.seq);
+                Event::Snapshot(msg)
+            }
+            Kind::Subscribed => Event::Subscribed(symbol),
+            Kind::Unsubscribed => Event::Unsubscribed(symbol),
+            Kind::Rejected => {
+                // Not resubscribed after a reconnect: the server said no.
+                self.wanted.remove(&symbol);
+                Event::Rejected {
+                    symbol,
+                    detail: msg.detail,
+                }
+            }
+            Kind::Lagged => Event::Lagged {
+                symbol,
+                dropped: msg.dropped,
+            },
+        };
+        self.emit(event).await
+    }
+}
