@@ -142,11 +142,16 @@ pub fn parse_command(line: &str) -> Option<Result<Command, String>> {
 async fn read_commands(commands: mpsc::Sender<Command>) {
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        match parse_command(&line) {
-            Some(Ok(command)) if commands.send(command).await.is_err() => return,
-            Some(Ok(_)) => {}
-            Some(Err(hint)) => eprintln!("{hint}"),
-            None => {}
+        let command = match parse_command(&line) {
+            Some(Ok(command)) => command,
+            Some(Err(hint)) => {
+                eprintln!("{hint}");
+                continue;
+            }
+            None => continue,
+        };
+        if commands.send(command).await.is_err() {
+            return;
         }
     }
 }
