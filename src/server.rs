@@ -55,6 +55,13 @@ impl Server {
             max_symbols: config.max_symbols,
             allow_unknown_symbols: config.allow_unknown_symbols,
         });
+        Server::with_hub(config, hub)
+    }
+
+    /// Like `new`, serving an existing hub (its symbols, seqs and last values), e.g. to
+    /// restart the network side while the market state lives on. The hub's own limits
+    /// stay as they were built.
+    pub fn with_hub(config: Config, hub: Hub) -> Result<Server, ServerError> {
         let listed = match &config.symbols_file {
             Some(path) => Some(read_symbols_file(path)?),
             None => None,

@@ -59,6 +59,12 @@ pub async fn run(opts: ConnectOpts, args: SubscribeArgs) -> Result<(), CliError>
                 let base = *first_price.entry(tick.symbol.clone()).or_insert(tick.ltp);
                 print_tick(&tick, tick.ltp - base, args.json);
             }
+            Event::Snapshot(snapshot) => {
+                first_price
+                    .entry(snapshot.symbol.clone())
+                    .or_insert(snapshot.ltp);
+                eprintln!("{}", describe(&Event::Snapshot(snapshot)));
+            }
             other => eprintln!("{}", describe(&other)),
         }
     }

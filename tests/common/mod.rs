@@ -51,9 +51,19 @@ impl TestServer {
     pub async fn with(adjust: impl FnOnce(&mut Config)) -> TestServer {
         let mut config = test_config();
         adjust(&mut config);
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("local addr");
         let server = Server::new(config).expect("server config");
+        Self::serve(server, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// A new server on `addr` (a port a stopped server used) around `hub`.
+    pub async fn restart(addr: SocketAddr, hub: Hub) -> TestServer {
+        let server = Server::with_hub(test_config(), hub).expect("server config");
+        Self::serve(server, addr).await
+    }
+
+    async fn serve(server: Server, addr: SocketAddr) -> TestServer {
+        let listener = TcpListener::bind(addr).await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
         let (hub, service) = (server.hub().clone(), server.service().clone());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.serve(listener, async {
@@ -274,5 +284,105 @@ impl Drop for TickerdProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The real `ticker` binary, its output lines readable as they come.
+pub struct TickerCli {
+    pub child: tokio::process::Child,
+    pub stdout: mpsc::UnboundedReceiver<String>,
+    pub stderr: mpsc::UnboundedReceiver<String>,
+    stdin: Option<tokio::process::ChildStdin>,
+}
+
+impl TickerCli {
+    pub fn spawn(server: &str, args: &[&str]) -> TickerCli {
+        Self::spawn_env(server, args, &[])
+    }
+
+    pub fn spawn_env(server: &str, args: &[&str], env: &[(&str, &str)]) -> TickerCli {
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ticker"))
+            .args(["--server", server])
+            .args(args)
+            .env_remove("TICKER_TOKEN")
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn ticker");
+        let stdout = lines(child.stdout.take().expect("stdout"));
+        let stderr = lines(child.stderr.take().expect("stderr"));
+        let stdin = child.stdin.take();
+        TickerCli {
+            child,
+            stdout,
+            stderr,
+            stdin,
+        }
+    }
+
+    /// Waits for a stdout line containing `needle`; returns it.
+    pub async fn out_line(&mut self, needle: &str) -> String {
+        wait_line(&mut self.stdout, needle).await
+    }
+
+    /// Waits for a stderr line containing `needle`; returns it.
+    pub async fn err_line(&mut self, needle: &str) -> String {
+        wait_line(&mut self.stderr, needle).await
+    }
+
+    pub async fn type_line(&mut self, line: &str) {
+        use tokio::io::AsyncWriteExt;
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .expect("write stdin");
+        stdin.flush().await.expect("flush stdin");
+    }
+
+    /// Waits for the exit; returns the code and everything printed.
+    pub async fn finish(mut self) -> (i32, String, String) {
+        drop(self.stdin.take());
+        let status = within(self.child.wait()).await.expect("wait ticker");
+        // The readers end at EOF, which follows the exit.
+        let mut out = Vec::new();
+        while let Some(line) = within(self.stdout.recv()).await {
+            out.push(line);
+        }
+        let mut err = Vec::new();
+        while let Some(line) = within(self.stderr.recv()).await {
+            err.push(line);
+        }
+        (status.code().unwrap_or(-1), out.join("\n"), err.join("\n"))
+    }
+}
+
+fn lines(
+    pipe: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+) -> mpsc::UnboundedReceiver<String> {
+    use tokio::io::AsyncBufReadExt;
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(pipe).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+async fn wait_line(rx: &mut mpsc::UnboundedReceiver<String>, needle: &str) -> String {
+    loop {
+        let line = within(rx.recv())
+            .await
+            .unwrap_or_else(|| panic!("output ended before {needle:?}"));
+        if line.contains(needle) {
+            return line;
+        }
     }
 }

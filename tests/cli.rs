@@ -1,0 +1,268 @@
+//! The real `ticker` binary against a real server.
+
+mod common;
+
+use common::{publish, ticks, Stream, TestServer, TickerCli};
+use tickerd::{client::Kind, pb::PublishRequest};
+
+#[tokio::test]
+async fn subscribe_prints_ticks_of_exactly_its_symbols_and_follows_stdin() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    for s in ["AAA", "BBB", "CCC"] {
+        publish(&mut client, ticks(s, 1)).await;
+    }
+    let mut cli = TickerCli::spawn(&server.url(), &["subscribe", "AAA", "BBB"]);
+    cli.err_line("subscribed AAA").await;
+    cli.err_line("subscribed BBB").await;
+    cli.err_line("snapshot BBB").await;
+    publish(
+        &mut client,
+        vec![
+            PublishRequest::new("CCC", 9.0),
+            PublishRequest::new("AAA", 5.0),
+        ],
+    )
+    .await;
+    publish(&mut client, vec![PublishRequest::new("BBB", 7.0)]).await;
+    let a = cli.stdout.recv().await.unwrap();
+    let b = cli.stdout.recv().await.unwrap();
+    assert!(
+        a.contains("AAA") && a.contains("5.0000") && a.contains("+4.0000") && a.contains("seq 2"),
+        "{a}"
+    );
+    assert!(b.contains("BBB") && b.contains("7.0000"), "{b}");
+
+    // +SYM / -SYM on stdin change the subscription
+    cli.type_line("+CCC").await;
+    cli.err_line("subscribed CCC").await;
+    cli.type_line("-AAA").await;
+    cli.err_line("unsubscribed AAA").await;
+    cli.type_line("nonsense").await;
+    cli.err_line("type +SYMBOL to subscribe").await;
+    publish(
+        &mut client,
+        vec![
+            PublishRequest::new("AAA", 6.0),
+            PublishRequest::new("CCC", 10.0),
+        ],
+    )
+    .await;
+    let c = cli.stdout.recv().await.unwrap();
+    assert!(
+        c.contains("CCC") && c.contains("seq 3"),
+        "AAA must not print after -AAA: {c}"
+    );
+}
+
+#[tokio::test]
+async fn subscribe_json_lines_parse_and_rejections_are_explained() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    publish(&mut client, ticks("JSN", 1)).await;
+    let mut cli = TickerCli::spawn(&server.url(), &["subscribe", "--json", "NOPE", "JSN"]);
+    let mut events = Vec::new();
+    for _ in 0..3 {
+        events.push(common::within(cli.stderr.recv()).await.unwrap());
+    }
+    for expected in [
+        "rejected \"NOPE\": unknown symbol",
+        "subscribed JSN",
+        "snapshot JSN",
+    ] {
+        assert!(
+            events.iter().any(|e| e.contains(expected)),
+            "{expected:?} not in {events:?}"
+        );
+    }
+    publish(&mut client, vec![PublishRequest::new("JSN", 2.5)]).await;
+    let line = cli.stdout.recv().await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).expect(&line);
+    assert_eq!(
+        (v["symbol"].as_str(), v["ltp"].as_f64(), v["seq"].as_u64()),
+        (Some("JSN"), Some(2.5), Some(2))
+    );
+    assert!(
+        v["latency_us"].is_i64() && v["timestamp"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{v}"
+    );
+}
+
+#[tokio::test]
+async fn quote_and_health() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    publish(&mut client, ticks("QQQ", 3)).await;
+    let (code, out, err) = TickerCli::spawn(&server.url(), &["quote", "QQQ", "NOPE"])
+        .finish()
+        .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.lines().next().is_some_and(|h| h.starts_with("SYMBOL")),
+        "{out}"
+    );
+    assert!(
+        out.contains("QQQ") && out.contains("3.0000") && out.contains(" 3 "),
+        "{out}"
+    );
+    assert!(err.contains("no quote for \"NOPE\""), "{err}");
+
+    let (code, out, _) = TickerCli::spawn(&server.url(), &["quote", "--json", "QQQ"])
+        .finish()
+        .await;
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).expect(&out);
+    assert_eq!(v["seq"].as_u64(), Some(3));
+
+    let (code, out, _) = TickerCli::spawn(&server.url(), &["health"]).finish().await;
+    assert_eq!((code, out.as_str()), (0, "SERVING"));
+    let (code, _, err) = TickerCli::spawn(&server.url(), &["quote", "BAD SYM"])
+        .finish()
+        .await;
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains("not allowed"), "{err}");
+}
+
+#[tokio::test]
+async fn unreachable_server_is_a_sentence_and_exit_3() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let url = format!("http://127.0.0.1:{port}");
+    let (code, _, err) = TickerCli::spawn(&url, &["health"]).finish().await;
+    assert_eq!(code, 3);
+    assert_eq!(
+        err,
+        format!("ticker: cannot reach 127.0.0.1:{port}: connection refused")
+    );
+    let (code, _, err) = TickerCli::spawn(&url, &["subscribe", "--max-retries", "2", "X"])
+        .finish()
+        .await;
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains("reconnecting in") && err.contains("giving up after 3 attempts"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn publish_from_a_file_lands_in_subscribers() {
+    let server = TestServer::with(|c| c.allow_unknown_symbols = true).await;
+    let mut client = server.client().await;
+    let mut watcher = Stream::open(&mut client).await;
+    watcher.subscribed("PUB").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ticks.csv");
+    std::fs::write(
+        &path,
+        "PUB,1.5\nPUB,oops\nPUB,2.5,1700000000000000000\n# done\n",
+    )
+    .unwrap();
+    let file = path.to_str().unwrap();
+    let (code, out, err) = TickerCli::spawn(&server.url(), &["publish", file])
+        .finish()
+        .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out,
+        "sent 2: accepted 2, rejected 0; 1 malformed lines skipped"
+    );
+    assert!(
+        err.contains("line 2: price \"oops\" is not a number; skipped"),
+        "{err}"
+    );
+    assert_eq!(watcher.expect(Kind::Tick, "PUB").await.ltp, 1.5);
+    let second = watcher.expect(Kind::Tick, "PUB").await;
+    assert_eq!(
+        (second.ltp, second.event_time_unix_nanos),
+        (2.5, 1_700_000_000_000_000_000)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_reconnects_after_a_restart_and_reports_the_gap() {
+    let mut server = TestServer::start().await;
+    let (addr, hub) = (server.addr, server.hub.clone());
+    let mut client = server.client().await;
+    publish(&mut client, ticks("GAP", 1)).await;
+    let mut cli = TickerCli::spawn(&server.url(), &["subscribe", "GAP"]);
+    cli.err_line("snapshot GAP").await;
+    publish(&mut client, ticks("GAP", 2)).await;
+    cli.out_line("seq 3").await;
+
+    // Stop the server; ticks keep arriving in the hub while it is down.
+    server.shutdown().await.unwrap().unwrap();
+    cli.err_line("disconnected").await;
+    for price in [10.0, 11.0, 12.0, 13.0] {
+        hub.publish("GAP", price, 0).unwrap();
+    }
+    let server = TestServer::restart(addr, hub).await;
+    cli.err_line("reconnected; resubscribing to 1 symbols")
+        .await;
+    let gap = cli.err_line("gap on GAP").await;
+    assert!(
+        gap.contains("missed 3 ticks during the outage (last seen seq 3, now seq 7)"),
+        "{gap}"
+    );
+    cli.err_line("snapshot GAP: last 13 (seq 7").await;
+    let mut client = server.client().await;
+    publish(&mut client, ticks("GAP", 1)).await;
+    cli.out_line("seq 8").await;
+}
+
+/// The real service behind a token check (tickerd's own JWT auth is a separate issue;
+/// this stands in for any server that answers UNAUTHENTICATED).
+async fn server_requiring_token(token: &'static str) -> (String, tickerd::hub::Hub) {
+    use tickerd::{
+        hub::{Hub, HubConfig},
+        pb::ticker_stream_service_server::TickerStreamServiceServer,
+        service::{ServiceLimits, TickerService},
+        session::SessionLimits,
+        shutdown::Shutdown,
+    };
+    let hub = Hub::new(HubConfig::default());
+    let limits = ServiceLimits {
+        session: SessionLimits {
+            max_subscriptions: 10,
+        },
+        max_streams: 10,
+    };
+    let service = TickerService::new(hub.clone(), limits, Shutdown::new());
+    let check = move |req: tonic::Request<()>| match req.metadata().get("authorization") {
+        Some(v) if v == format!("Bearer {token}").as_str() => Ok(req),
+        _ => Err(tonic::Status::unauthenticated("invalid token")),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TickerStreamServiceServer::with_interceptor(service, check))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    (url, hub)
+}
+
+#[tokio::test]
+async fn a_bad_token_exits_4_without_retrying() {
+    let (url, hub) = server_requiring_token("good").await;
+    hub.publish("TOK", 1.0, 0).unwrap();
+    let (code, _, err) = TickerCli::spawn(&url, &["--token", "bad", "subscribe", "TOK"])
+        .finish()
+        .await;
+    assert_eq!(code, 4, "{err}");
+    assert!(
+        err.contains("not authenticated: invalid token") && !err.contains("reconnecting"),
+        "{err}"
+    );
+    let (code, _, err) = TickerCli::spawn_env(&url, &["quote", "TOK"], &[("TICKER_TOKEN", "bad")])
+        .finish()
+        .await;
+    assert_eq!(code, 4, "{err}");
+    let (code, out, err) =
+        TickerCli::spawn_env(&url, &["quote", "TOK"], &[("TICKER_TOKEN", "good")])
+            .finish()
+            .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("TOK"), "{out}");
+}
