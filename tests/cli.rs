@@ -266,3 +266,38 @@ async fn a_bad_token_exits_4_without_retrying() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("TOK"), "{out}");
 }
+
+#[tokio::test]
+async fn ctrl_c_ends_subscribe_with_130() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    publish(&mut client, ticks("INT", 1)).await;
+    let mut cli = TickerCli::spawn(&server.url(), &["subscribe", "INT"]);
+    cli.err_line("snapshot INT").await;
+    let pid = cli.child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-s", "INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let (code, _, _) = cli.finish().await;
+    assert_eq!(code, 130);
+}
+
+#[tokio::test]
+async fn several_servers_are_balanced_and_a_dead_one_is_routed_around() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    publish(&mut client, ticks("LB", 2)).await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    for _ in 0..3 {
+        let (code, out, err) = TickerCli::spawn(&server.url(), &["--server", &dead, "quote", "LB"])
+            .finish()
+            .await;
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains("LB"), "{out}");
+    }
+}

@@ -1,7 +1,12 @@
 //! Connection options shared by every `ticker` subcommand, the channel they build, and the
 //! errors (with their exit codes) that a user reads as sentences.
 
-use std::{fmt, path::PathBuf, time::Duration};
+use std::{
+    fmt,
+    path::PathBuf,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
 
 use clap::Args;
 use tonic::{
@@ -25,8 +30,9 @@ pub mod exit {
 
 #[derive(Args, Debug, Clone)]
 pub struct ConnectOpts {
-    /// Server URL; https:// uses TLS. Repeat to balance streams and calls across
-    /// several servers.
+    /// Server URL; https:// uses TLS. Repeat it to spread clients over several servers:
+    /// each connection (and reconnection) goes to the next one, skipping any that cannot
+    /// be reached.
     #[arg(
         long = "server",
         global = true,
@@ -167,43 +173,38 @@ impl ConnectOpts {
         Ok(endpoint)
     }
 
-    /// Connects now (one server), or builds a balanced channel (several). Errors read
-    /// like "cannot reach 127.0.0.1:50051: connection refused".
+    /// Connects to one of the servers. With several, each call starts at the next one
+    /// after a random per-process start (so clients spread out and a reconnect moves on)
+    /// and falls through to the others when one cannot be reached. Errors read like
+    /// "cannot reach 127.0.0.1:50051: connection refused".
     pub async fn connect(&self) -> Result<Client, CliError> {
-        let channel = match self.servers.as_slice() {
-            [one] => self.endpoint(one)?.connect().await.map_err(|e| {
-                CliError::new(
-                    exit::CANNOT_CONNECT,
-                    format!("cannot reach {}: {}", authority(one), root_cause(&e)),
-                )
-            })?,
-            many => {
-                let endpoints = many
-                    .iter()
-                    .map(|u| self.endpoint(u))
-                    .collect::<Result<Vec<_>, _>>()?;
-                Channel::balance_list(endpoints.into_iter())
-            }
-        };
+        let channel = self.channel().await?;
         Ok(TickerStreamServiceClient::with_interceptor(
-            channel.clone(),
+            channel,
             self.bearer()?,
         ))
     }
 
-    /// A raw channel to the first server (for the health service).
+    /// The channel `connect` uses (also for the health service).
     pub async fn channel(&self) -> Result<Channel, CliError> {
-        let url = self
-            .servers
-            .first()
-            .map(String::as_str)
-            .unwrap_or("http://127.0.0.1:50051");
-        self.endpoint(url)?.connect().await.map_err(|e| {
-            CliError::new(
-                exit::CANNOT_CONNECT,
-                format!("cannot reach {}: {}", authority(url), root_cause(&e)),
-            )
-        })
+        static NEXT: AtomicUsize = AtomicUsize::new(usize::MAX);
+        let n = self.servers.len().max(1);
+        let seed = (crate::clock::now_unix_nanos() as usize) ^ std::process::id() as usize;
+        let _ = NEXT.compare_exchange(usize::MAX, seed % n, Ordering::Relaxed, Ordering::Relaxed);
+        let start = NEXT.fetch_add(1, Ordering::Relaxed);
+        let mut failures = Vec::new();
+        for i in 0..self.servers.len() {
+            let url = &self.servers[(start + i) % n];
+            match self.endpoint(url)?.connect().await {
+                Ok(channel) => return Ok(channel),
+                Err(e) => failures.push(format!(
+                    "cannot reach {}: {}",
+                    authority(url),
+                    root_cause(&e)
+                )),
+            }
+        }
+        Err(CliError::new(exit::CANNOT_CONNECT, failures.join("; ")))
     }
 
     pub fn bearer(&self) -> Result<Bearer, CliError> {

@@ -145,6 +145,7 @@ impl Board {
             }
             Event::Unsubscribed(symbol) => {
                 self.quotes.remove(symbol);
+                self.status = format!("removed {symbol}; live: {} symbols", self.quotes.len());
             }
             Event::Subscribed(symbol) => {
                 self.quotes.entry(symbol.clone()).or_default();
