@@ -23,8 +23,15 @@ pub async fn connect(url: impl Into<String>) -> Result<Client, tonic::transport:
 }
 
 /// The endpoint `connect` uses, for callers that need to adjust it further.
+///
+/// Windows: h2 (>= 0.4.16) closes a connection once unread small DATA frames exceed a
+/// budget of half the connection window. A 16 MiB connection window with 1 MiB stream
+/// windows keeps even three fully stalled streams (a paused terminal, say) under it,
+/// whatever the server's framing.
 pub fn endpoint(url: impl Into<String>) -> Result<Endpoint, tonic::transport::Error> {
     Ok(Endpoint::from_shared(url.into())?
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(16 << 20)
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))

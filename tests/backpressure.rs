@@ -217,3 +217,26 @@ async fn two_hundred_abruptly_dropped_streams_leave_nothing_behind() {
     stream.subscribed("DROP").await;
     stream.expect(Kind::Snapshot, "DROP").await;
 }
+
+/// The case batching cannot help: ticks trickle out one per DATA frame while a stream
+/// is stalled. tickerd's own client keeps its connection (its windows keep h2's small
+/// frame budget out of reach); see the README on tonic's default windows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bundled_client_survives_a_stall_under_single_tick_frames() {
+    let server = TestServer::with(|c| c.channel_capacity = 64).await;
+    server.hub.publish("TRICKLE", 1.0, 0).unwrap();
+    let mut stalled = Stream::open(&mut server.client().await).await;
+    stalled.subscribed("TRICKLE").await;
+    stalled.expect(Kind::Snapshot, "TRICKLE").await;
+    let mut pacer = Stream::open(&mut server.client().await).await;
+    pacer.subscribed("TRICKLE").await;
+    pacer.expect(Kind::Snapshot, "TRICKLE").await;
+
+    const N: u64 = 20_000;
+    for i in 0..N {
+        server.hub.publish("TRICKLE", 2.0, 0).unwrap();
+        assert_eq!(pacer.expect(Kind::Tick, "TRICKLE").await.seq, i + 2);
+    }
+    let (received, dropped) = read_until(&mut stalled.rx, "TRICKLE", 1, N + 1).await;
+    assert_eq!(received + dropped, N);
+}
