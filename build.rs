@@ -11,6 +11,15 @@ fn main() -> Result<(), Box<dyn Error>> {
     let proto = "proto/ticker/v1/ticker.proto";
     println!("cargo:rerun-if-changed={proto}");
     let out = PathBuf::from(env::var("OUT_DIR")?);
+    let sha = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map_or_else(|| "unknown".to_string(), |s| s.trim().to_string());
+    println!("cargo:rustc-env=TICKERD_GIT_SHA={sha}");
+    println!("cargo:rerun-if-changed=.git/HEAD");
 
     let fds = protox::compile([proto], ["proto"])?;
     fs::write(out.join("ticker_descriptor.bin"), fds.encode_to_vec())?;

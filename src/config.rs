@@ -140,6 +140,17 @@ pub struct Config {
           value_parser = humantime::parse_duration)]
     pub prune_interval: Duration,
 
+    /// Address of the operations HTTP endpoint: /metrics (Prometheus), /healthz (200
+    /// while serving, 503 while draining) and /streams (JSON list of open streams).
+    /// Off unless given; keep it on loopback or a private network.
+    #[arg(long, env = "TICKERD_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Also export per-symbol series (ticks and subscribers per symbol). Off by
+    /// default: one series per symbol can be many.
+    #[arg(long, env = "TICKERD_METRICS_PER_SYMBOL")]
+    pub metrics_per_symbol: bool,
+
     /// Log line format; the level comes from RUST_LOG (default `info`).
     #[arg(long, env = "TICKERD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

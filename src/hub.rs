@@ -96,11 +96,30 @@ pub struct Subscription {
     pub snapshot: Option<Arc<Tick>>,
 }
 
+/// Where a tick came from, for the accepted/rejected counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The server's own feed (simulator, replay).
+    Feed = 0,
+    /// The Publish RPC.
+    Publish = 1,
+}
+
+impl Source {
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Feed => "feed",
+            Source::Publish => "publish",
+        }
+    }
+}
+
 /// Counters for operators and tests; relaxed atomics, never a lock.
 #[derive(Debug, Default)]
 pub struct HubStats {
-    pub accepted: AtomicU64,
-    pub rejected: AtomicU64,
+    /// Indexed by `Source as usize`.
+    pub accepted: [AtomicU64; 2],
+    pub rejected: [AtomicU64; 2],
     /// Ticks pushed out of a full channel: some receiver of that symbol will see a gap.
     pub overflowed: AtomicU64,
 }
@@ -136,6 +155,14 @@ impl SymbolSlot {
     // the state is still consistent enough to keep serving.
     fn lock(&self) -> MutexGuard<'_, SymbolState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("symbols", &self.symbol_count())
+            .finish()
     }
 }
 
@@ -175,22 +202,33 @@ impl Hub {
             .map_err(PublishError::SymbolLimit)
     }
 
-    /// Accepts one tick: assigns the next seq, stores it as the last value and offers it
-    /// to the symbol's subscribers without waiting. `event_time_unix_nanos == 0` means
-    /// "now". Returns the tick's seq.
+    /// Accepts one tick from a publisher: assigns the next seq, stores it as the last value
+    /// and offers it to the symbol's subscribers without waiting.
+    /// `event_time_unix_nanos == 0` means "now". Returns the tick's seq.
     pub fn publish(
         &self,
         symbol: &str,
         ltp: f64,
         event_time_unix_nanos: i64,
     ) -> Result<u64, PublishError> {
+        self.publish_from(Source::Publish, symbol, ltp, event_time_unix_nanos)
+    }
+
+    /// `publish`, counted under `source`.
+    pub fn publish_from(
+        &self,
+        source: Source,
+        symbol: &str,
+        ltp: f64,
+        event_time_unix_nanos: i64,
+    ) -> Result<u64, PublishError> {
         let result = self.try_publish(symbol, ltp, event_time_unix_nanos);
-        let counter = if result.is_ok() {
+        let counters = if result.is_ok() {
             &self.stats().accepted
         } else {
             &self.stats().rejected
         };
-        counter.fetch_add(1, Ordering::Relaxed);
+        counters[source as usize].fetch_add(1, Ordering::Relaxed);
         result
     }
 
@@ -273,6 +311,33 @@ impl Hub {
         let slot = self.shared.symbols.get(symbol).map(|s| Arc::clone(&s))?;
         let last = slot.lock().last.clone();
         last
+    }
+
+    /// The seq of `symbol`'s latest tick (0 if unknown or never ticked).
+    pub fn seq(&self, symbol: &str) -> u64 {
+        let Some(slot) = self.shared.symbols.get(symbol).map(|s| Arc::clone(&s)) else {
+            return 0;
+        };
+        let seq = slot.lock().seq;
+        seq
+    }
+
+    /// (symbol, seq, open receivers) of every known symbol, for per-symbol metrics.
+    pub fn symbol_seqs(&self) -> Vec<(Symbol, u64, usize)> {
+        let slots: Vec<Arc<SymbolSlot>> = self
+            .shared
+            .symbols
+            .iter()
+            .map(|e| Arc::clone(e.value()))
+            .collect();
+        slots
+            .iter()
+            .map(|slot| {
+                let state = slot.lock();
+                let receivers = state.sender.as_ref().map_or(0, |s| s.receiver_count());
+                (Arc::clone(&slot.symbol), state.seq, receivers)
+            })
+            .collect()
     }
 
     /// Receivers currently open on `symbol` (0 for an unknown or idle symbol).
@@ -420,7 +485,10 @@ mod tests {
         }
         assert_eq!(hub.publish("D", 1.0, 0), Err(PublishError::SymbolLimit(3)));
         assert_eq!(hub.symbol_count(), 3);
-        assert_eq!(hub.stats().rejected.load(Ordering::Relaxed), 6);
+        assert_eq!(
+            hub.stats().rejected[Source::Publish as usize].load(Ordering::Relaxed),
+            6
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! [`client`] holds what the `ticker` CLI and the tests use to talk to a server.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod cli;
 pub mod client;
 pub mod clock;
@@ -13,6 +14,8 @@ pub mod config;
 pub mod feed;
 pub mod hub;
 pub mod loadgen;
+pub mod metrics;
+pub mod observe;
 pub mod server;
 pub mod service;
 pub mod session;

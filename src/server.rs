@@ -5,13 +5,18 @@
 use std::{future::Future, io, path::PathBuf, time::Duration};
 
 use tokio::{net::TcpListener, sync::oneshot};
+use tokio_stream::StreamExt as _;
+use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::{
+    admin,
     config::Config,
     feed::{self, Feed, FeedKind, Replay, Simulator},
     hub::{Hub, HubConfig},
+    metrics::Metrics,
+    observe::{CountedIo, RpcMetricsLayer},
     pb::{self, ticker_stream_service_server::TickerStreamServiceServer},
     service::{ServiceLimits, TickerService},
     session::SessionLimits,
@@ -45,6 +50,7 @@ pub struct Server {
     service: TickerService,
     feed: Option<Feed>,
     shutdown: Shutdown,
+    metrics_listener: Option<TcpListener>,
 }
 
 impl Server {
@@ -101,14 +107,27 @@ impl Server {
             },
             max_streams: config.max_streams,
         };
-        let service = TickerService::new(hub.clone(), limits, shutdown.clone());
+        let feed_rate = match &config.feed {
+            FeedKind::Sim => config.rate,
+            _ => 0.0,
+        };
+        let metrics = Metrics::new(hub.clone(), config.metrics_per_symbol, feed_rate);
+        let service = TickerService::new(hub.clone(), limits, shutdown.clone(), metrics);
+        let metrics_listener = None;
         Ok(Server {
             config,
             hub,
             service,
             feed,
             shutdown,
+            metrics_listener,
         })
+    }
+
+    /// Serves /metrics, /healthz and /streams on `listener` too (`--metrics-listen`).
+    pub fn metrics_listener(mut self, listener: TcpListener) -> Server {
+        self.metrics_listener = Some(listener);
+        self
     }
 
     pub fn hub(&self) -> &Hub {
@@ -133,7 +152,20 @@ impl Server {
             service,
             feed,
             shutdown,
+            metrics_listener,
         } = self;
+        let metrics = service.metrics().clone();
+        let admin_stop = CancellationToken::new();
+        let _stop_admin_on_return = admin_stop.clone().drop_guard();
+        if let Some(listener) = metrics_listener {
+            let admin = admin::serve(
+                listener,
+                metrics.clone(),
+                shutdown.clone(),
+                admin_stop.clone(),
+            );
+            tokio::spawn(admin);
+        }
         let (health, health_service) = tonic_health::server::health_reporter();
         health
             .set_serving::<TickerStreamServiceServer<TickerService>>()
@@ -155,9 +187,11 @@ impl Server {
             prune_idle_channels(hub.clone(), config.prune_interval, shutdown.token().clone());
         tokio::spawn(prune);
 
+        let counted = metrics.clone();
         let incoming = TcpIncoming::from(listener)
             .with_nodelay(Some(true))
-            .with_keepalive(Some(config.tcp_keepalive));
+            .with_keepalive(Some(config.tcp_keepalive))
+            .map(move |accepted| accepted.map(|io| CountedIo::new(io, counted.clone())));
         let (stop_accepting, stopped) = oneshot::channel::<()>();
         let serving = tonic::transport::Server::builder()
             .max_concurrent_streams(config.max_concurrent_streams)
@@ -169,6 +203,7 @@ impl Server {
             .http2_keepalive_interval(Some(config.http2_keepalive_interval))
             .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
             .tcp_nodelay(true)
+            .layer(RpcMetricsLayer::new(metrics.clone()))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

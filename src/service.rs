@@ -4,11 +4,12 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     hub::Hub,
+    metrics::{ended, Metrics, StreamTicket},
     pb::{
         ticker_response::Kind, ticker_stream_service_server::TickerStreamService, GetQuotesRequest,
         GetQuotesResponse, PublishRequest, PublishResponse, SubscribeRequest, TickerRequest,
@@ -36,18 +37,29 @@ pub struct TickerService {
     limits: ServiceLimits,
     streams: Arc<Semaphore>,
     shutdown: Shutdown,
+    metrics: Metrics,
 }
 
 impl TickerService {
     /// `shutdown` ends every open stream with UNAVAILABLE when cancelled.
-    pub fn new(hub: Hub, limits: ServiceLimits, shutdown: Shutdown) -> TickerService {
+    pub fn new(
+        hub: Hub,
+        limits: ServiceLimits,
+        shutdown: Shutdown,
+        metrics: Metrics,
+    ) -> TickerService {
         let streams = Arc::new(Semaphore::new(limits.max_streams));
         TickerService {
             hub,
             limits,
             streams,
             shutdown,
+            metrics,
         }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// Streams open right now (TickerStream, Subscribe, Publish).
@@ -55,27 +67,34 @@ impl TickerService {
         self.limits.max_streams - self.streams.available_permits()
     }
 
-    fn admit(&self) -> Result<OwnedSemaphorePermit, Status> {
+    /// A ticket for a new stream of `rpc`, or why there is none.
+    fn admit<T>(&self, rpc: &'static str, request: &Request<T>) -> Result<StreamTicket, Status> {
         if self.shutdown.is_triggered() {
             return Err(Status::unavailable("server shutting down"));
         }
-        Arc::clone(&self.streams).try_acquire_owned().map_err(|_| {
+        let permit = Arc::clone(&self.streams).try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
                 "server stream limit reached ({} open streams); retry later",
                 self.limits.max_streams
             ))
-        })
+        })?;
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "unknown".to_string(), |a| a.to_string());
+        // Until authentication exists every caller is anonymous.
+        Ok(self
+            .metrics
+            .ticket(rpc, peer, "anonymous".to_string(), permit))
     }
 
-    fn session(&self, requests: Option<Streaming<TickerRequest>>) -> Result<Session, Status> {
-        let permit = self.admit()?;
-        Ok(Session::new(
+    fn session(&self, ticket: StreamTicket, requests: Option<Streaming<TickerRequest>>) -> Session {
+        Session::new(
             self.hub.clone(),
             self.limits.session,
             requests,
             self.shutdown.clone(),
-            permit,
-        ))
+            ticket,
+        )
     }
 
     /// Checks a symbol list shared by Subscribe and GetQuotes.
@@ -105,23 +124,26 @@ impl TickerStreamService for TickerService {
         &self,
         request: Request<Streaming<TickerRequest>>,
     ) -> Result<Response<Session>, Status> {
-        let session = self.session(Some(request.into_inner()))?;
-        Ok(Response::new(session))
+        let ticket = self.admit("TickerStream", &request)?;
+        Ok(Response::new(
+            self.session(ticket, Some(request.into_inner())),
+        ))
     }
 
     async fn subscribe(
         &self,
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Session>, Status> {
-        let symbols = request.into_inner().symbols;
-        Self::check_symbols(&symbols, self.limits.session.max_subscriptions)?;
+        let symbols = &request.get_ref().symbols;
+        Self::check_symbols(symbols, self.limits.session.max_subscriptions)?;
         if !self.hub.config().allow_unknown_symbols {
             if let Some(unknown) = symbols.iter().find(|s| !self.hub.is_known(s)) {
                 return Err(Status::not_found(format!("unknown symbol {unknown:?}")));
             }
         }
-        let mut session = self.session(None)?;
-        for s in &symbols {
+        let ticket = self.admit("Subscribe", &request)?;
+        let mut session = self.session(ticket, None);
+        for s in &request.into_inner().symbols {
             session.subscribe(s);
         }
         Ok(Response::new(session))
@@ -131,13 +153,14 @@ impl TickerStreamService for TickerService {
         &self,
         request: Request<Streaming<PublishRequest>>,
     ) -> Result<Response<PublishResponse>, Status> {
-        let _permit = self.admit()?;
+        let mut ticket = self.admit("Publish", &request)?;
         let mut requests = request.into_inner();
         let mut counts = PublishResponse::default();
         loop {
             let next = tokio::select! {
                 biased;
                 _ = self.shutdown.token().cancelled() => {
+                    ticket.reason = ended::SHUTDOWN;
                     return Err(Status::unavailable(format!(
                         "server shutting down ({} accepted, {} rejected before it)",
                         counts.accepted, counts.rejected
@@ -158,8 +181,12 @@ impl TickerStreamService for TickerService {
                         }
                     }
                 }
-                Ok(None) => return Ok(Response::new(counts)),
+                Ok(None) => {
+                    ticket.reason = ended::COMPLETED;
+                    return Ok(Response::new(counts));
+                }
                 Err(status) => {
+                    ticket.reason = ended::CLIENT_ERROR;
                     let msg = format!(
                         "{} ({} accepted, {} rejected before it)",
                         status.message(),

@@ -12,19 +12,20 @@ use std::{
     collections::VecDeque,
     future::Future as _,
     pin::Pin,
-    sync::Arc,
+    sync::{atomic::Ordering, Arc},
     task::{Context, Poll},
 };
 
 use async_broadcast::{Receiver, RecvError};
 use futures_core::Stream;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tonic::{Status, Streaming};
 
 use crate::{
+    clock,
     codec::Outbound,
     hub::{Hub, SubscribeError, Tick},
+    metrics::{ended, StreamTicket},
     pb::{ticker_request::Action, ticker_response::Kind, TickerRequest, TickerResponse},
     shutdown::Shutdown,
     symbol::{self, Symbol},
@@ -58,8 +59,24 @@ pub struct Session {
     shutdown_wake: Pin<Box<WaitForCancellationFutureOwned>>,
     shutdown_armed: bool,
     finished: bool,
-    _permit: OwnedSemaphorePermit,
+    /// Counts since the last fold into the shared metrics (once per write batch).
+    local: LocalCounts,
+    next_behind_check: std::time::Instant,
+    span: tracing::Span,
+    ticket: StreamTicket,
 }
+
+#[derive(Default)]
+struct LocalCounts {
+    delivered: u64,
+    dropped: u64,
+    lag_notices: u64,
+    /// The first tick of a batch had its publish-to-send latency sampled.
+    sampled: bool,
+}
+
+/// /streams' "behind" is refreshed at most this often per stream.
+const BEHIND_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 struct Sub {
     symbol: Symbol,
@@ -69,14 +86,21 @@ struct Sub {
 }
 
 impl Session {
-    /// `permit` is this stream's place under the server-wide stream cap, released on drop.
+    /// `ticket` is this stream's place under the stream cap and in the metrics.
     pub fn new(
         hub: Hub,
         limits: SessionLimits,
         requests: Option<Streaming<TickerRequest>>,
         shutdown: Shutdown,
-        permit: OwnedSemaphorePermit,
+        ticket: StreamTicket,
     ) -> Session {
+        let span = tracing::info_span!(
+            "stream",
+            id = ticket.info.id,
+            rpc = ticket.info.rpc,
+            peer = %ticket.info.peer,
+            principal = %ticket.info.principal
+        );
         let shutdown_wake = Box::pin(shutdown.token().clone().cancelled_owned());
         Session {
             hub,
@@ -90,7 +114,10 @@ impl Session {
             shutdown_wake,
             shutdown_armed: false,
             finished: false,
-            _permit: permit,
+            local: LocalCounts::default(),
+            next_behind_check: std::time::Instant::now(),
+            span,
+            ticket,
         }
     }
 
@@ -137,6 +164,12 @@ impl Session {
                     receiver: sub.receiver,
                     last_seq,
                 });
+                self.ticket.metrics.subscriptions.inc();
+                self.ticket
+                    .info
+                    .subscriptions
+                    .store(self.subs.len() as u64, Ordering::Relaxed);
+                tracing::debug!(parent: &self.span, symbol, last_seq, "subscribed");
                 self.push(control(Kind::Subscribed, symbol, ""));
                 if let Some(snapshot) = sub.snapshot {
                     self.push(snapshot.to_response(Kind::Snapshot));
@@ -155,7 +188,17 @@ impl Session {
             return self.reject(symbol, e.to_string());
         }
         // Dropping the receiver is what stops delivery; a held tick of it goes too.
+        let before = self.subs.len();
         self.subs.retain(|s| &*s.symbol != symbol);
+        self.ticket
+            .metrics
+            .subscriptions
+            .dec_by((before - self.subs.len()) as i64);
+        self.ticket
+            .info
+            .subscriptions
+            .store(self.subs.len() as u64, Ordering::Relaxed);
+        tracing::debug!(parent: &self.span, symbol, "unsubscribed");
         if self.held.as_ref().is_some_and(|t| &*t.symbol == symbol) {
             self.held = None;
         }
@@ -163,6 +206,7 @@ impl Session {
     }
 
     fn reject(&mut self, symbol: &str, detail: String) {
+        tracing::debug!(parent: &self.span, symbol, %detail, "request rejected");
         self.push(TickerResponse {
             symbol: symbol.to_string(),
             kind: Kind::Rejected as i32,
@@ -210,9 +254,12 @@ impl Session {
                         sub.last_seq = tick.seq;
                         self.cursor = idx + 1;
                         if dropped == 0 {
-                            return Poll::Ready(Outbound::Tick(tick));
+                            return Poll::Ready(self.deliver(tick));
                         }
                         let notice = lagged(&sub.symbol, dropped);
+                        tracing::debug!(parent: &self.span, symbol = %notice.symbol, dropped, "stream lagged");
+                        self.local.dropped += dropped;
+                        self.local.lag_notices += 1;
                         self.held = Some(tick);
                         return Poll::Ready(Outbound::Message(notice));
                     }
@@ -223,7 +270,63 @@ impl Session {
                 }
             }
         }
+        self.fold();
         Poll::Pending
+    }
+
+    /// Counts a tick going out; the first of each batch samples publish-to-send latency.
+    fn deliver(&mut self, tick: Arc<Tick>) -> Outbound {
+        self.local.delivered += 1;
+        if !self.local.sampled {
+            self.local.sampled = true;
+            let seconds = (clock::now_unix_nanos() - tick.event_time_unix_nanos) as f64 / 1e9;
+            self.ticket
+                .metrics
+                .publish_to_send_seconds
+                .observe(seconds.max(0.0));
+        }
+        Outbound::Tick(tick)
+    }
+
+    /// Folds the batch's counts into the shared metrics (end of batch, and on drop).
+    fn fold(&mut self) {
+        let local = std::mem::take(&mut self.local);
+        let (metrics, info) = (&self.ticket.metrics, &self.ticket.info);
+        if local.delivered > 0 {
+            metrics.delivered.inc_by(local.delivered);
+            info.sent.fetch_add(local.delivered, Ordering::Relaxed);
+        }
+        if local.lag_notices > 0 {
+            metrics.dropped.inc_by(local.dropped);
+            metrics.lag_notices.inc_by(local.lag_notices);
+            info.dropped.fetch_add(local.dropped, Ordering::Relaxed);
+        }
+        let now = std::time::Instant::now();
+        if now >= self.next_behind_check {
+            self.next_behind_check = now + BEHIND_EVERY;
+            let behind: u64 = self
+                .subs
+                .iter()
+                .map(|s| self.hub.seq(&s.symbol).saturating_sub(s.last_seq))
+                .sum();
+            info.behind.store(behind, Ordering::Relaxed);
+        }
+    }
+
+    fn finish(&mut self, reason: &'static str) {
+        self.finished = true;
+        self.ticket.reason = reason;
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.fold();
+        self.ticket
+            .metrics
+            .subscriptions
+            .dec_by(self.subs.len() as i64);
+        tracing::debug!(parent: &self.span, reason = self.ticket.reason, "stream closed");
     }
 }
 
@@ -241,14 +344,14 @@ impl Stream for Session {
             this.shutdown_armed = true;
         }
         if this.shutdown.is_triggered() {
-            this.finished = true;
+            this.finish(ended::SHUTDOWN);
             return Poll::Ready(Some(Err(Status::unavailable("server shutting down"))));
         }
         if let Some(tick) = this.held.take() {
-            return Poll::Ready(Some(Ok(Outbound::Tick(tick))));
+            return Poll::Ready(Some(Ok(this.deliver(tick))));
         }
         if let Err(status) = this.poll_requests(cx) {
-            this.finished = true;
+            this.finish(ended::CLIENT_ERROR);
             return Poll::Ready(Some(Err(status)));
         }
         if let Some(msg) = this.control.pop_front() {
@@ -287,12 +390,17 @@ mod tests {
     use super::*;
     use crate::hub::HubConfig;
 
-    fn session(hub: &Hub) -> Session {
+    fn ticket(hub: &Hub) -> StreamTicket {
         let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+        let metrics = crate::metrics::Metrics::new(hub.clone(), false, 0.0);
+        metrics.ticket("TickerStream", "test".into(), "anonymous".into(), permit)
+    }
+
+    fn session(hub: &Hub) -> Session {
         let limits = SessionLimits {
             max_subscriptions: 10,
         };
-        Session::new(hub.clone(), limits, None, Shutdown::new(), permit)
+        Session::new(hub.clone(), limits, None, Shutdown::new(), ticket(hub))
     }
 
     /// Everything the session yields before it would wait.
@@ -384,16 +492,11 @@ mod tests {
     fn shutdown_ends_the_stream_with_unavailable() {
         let hub = Hub::new(HubConfig::default());
         let shutdown = Shutdown::new();
-        let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
-        let mut s = Session::new(
-            hub,
-            SessionLimits {
-                max_subscriptions: 1,
-            },
-            None,
-            shutdown.clone(),
-            permit,
-        );
+        let ticket = ticket(&hub);
+        let limits = SessionLimits {
+            max_subscriptions: 1,
+        };
+        let mut s = Session::new(hub, limits, None, shutdown.clone(), ticket);
         let mut cx = Context::from_waker(noop_waker_ref());
         assert!(Pin::new(&mut s).poll_next(&mut cx).is_pending());
         shutdown.trigger();

@@ -216,6 +216,7 @@ async fn subscribe_reconnects_after_a_restart_and_reports_the_gap() {
 async fn server_requiring_token(token: &'static str) -> (String, tickerd::hub::Hub) {
     use tickerd::{
         hub::{Hub, HubConfig},
+        metrics::Metrics,
         pb::ticker_stream_service_server::TickerStreamServiceServer,
         service::{ServiceLimits, TickerService},
         session::SessionLimits,
@@ -228,7 +229,8 @@ async fn server_requiring_token(token: &'static str) -> (String, tickerd::hub::H
         },
         max_streams: 10,
     };
-    let service = TickerService::new(hub.clone(), limits, Shutdown::new());
+    let metrics = Metrics::new(hub.clone(), false, 0.0);
+    let service = TickerService::new(hub.clone(), limits, Shutdown::new(), metrics);
     let check = move |req: tonic::Request<()>| match req.metadata().get("authorization") {
         Some(v) if v == format!("Bearer {token}").as_str() => Ok(req),
         _ => Err(tonic::Status::unauthenticated("invalid token")),

@@ -10,8 +10,8 @@ use tickerd::{config::Config, server::Server, telemetry};
 async fn main() -> ExitCode {
     let config = Config::parse();
     telemetry::init(config.log_format);
-    let listen = config.listen;
-    let server = match Server::new(config) {
+    let (listen, metrics_listen) = (config.listen, config.metrics_listen);
+    let mut server = match Server::new(config) {
         Ok(server) => server,
         Err(e) => {
             tracing::error!("cannot start: {e}");
@@ -25,6 +25,21 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(addr) = metrics_listen {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(metrics) => {
+                let bound = metrics
+                    .local_addr()
+                    .map_or_else(|_| addr.to_string(), |a| a.to_string());
+                tracing::info!(addr = %bound, "metrics endpoint listening (/metrics, /healthz, /streams)");
+                server = server.metrics_listener(metrics);
+            }
+            Err(e) => {
+                tracing::error!("cannot listen on {addr} for metrics: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let addr = listener
         .local_addr()
         .map_or_else(|_| listen.to_string(), |a| a.to_string());

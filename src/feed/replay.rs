@@ -11,7 +11,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use super::csv;
-use crate::hub::Hub;
+use crate::hub::{Hub, Source};
 
 pub struct Replay {
     path: PathBuf,
@@ -78,7 +78,7 @@ impl Replay {
                     _ = tokio::time::sleep_until(due) => {}
                 }
             }
-            match hub.publish(&tick.symbol, tick.price, 0) {
+            match hub.publish_from(Source::Feed, &tick.symbol, tick.price, 0) {
                 Ok(_) => published += 1,
                 Err(e) => {
                     tracing::warn!(file = %path, line = line_no, error = %e, "replayed tick rejected")

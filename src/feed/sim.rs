@@ -7,7 +7,10 @@ use rand::{rngs::SmallRng, Rng, SeedableRng};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use crate::{hub::Hub, symbol::Symbol};
+use crate::{
+    hub::{Hub, Source},
+    symbol::Symbol,
+};
 
 /// Publishing is paced in 1 ms rounds; a late round catches up at most this much.
 const ROUND: Duration = Duration::from_millis(1);
@@ -63,7 +66,7 @@ impl Simulator {
                 let i = rng.random_range(0..self.symbols.len());
                 let step: f64 = rng.random_range(-0.001..0.001);
                 prices[i] = (prices[i] * (1.0 + step)).max(0.01);
-                if let Err(e) = hub.publish(&self.symbols[i], prices[i], 0) {
+                if let Err(e) = hub.publish_from(Source::Feed, &self.symbols[i], prices[i], 0) {
                     tracing::warn!(symbol = %self.symbols[i], error = %e, "simulated tick rejected");
                 }
                 sent += 1;

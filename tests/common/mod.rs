@@ -29,6 +29,8 @@ pub const DEADLINE: Duration = Duration::from_secs(10);
 /// A server running in this process.
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The operations endpoint (/metrics, /healthz, /streams).
+    pub metrics_addr: SocketAddr,
     pub hub: Hub,
     pub service: TickerService,
     stop: Option<oneshot::Sender<()>>,
@@ -64,6 +66,11 @@ impl TestServer {
     async fn serve(server: Server, addr: SocketAddr) -> TestServer {
         let listener = TcpListener::bind(addr).await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
+        let metrics = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind metrics");
+        let metrics_addr = metrics.local_addr().expect("metrics addr");
+        let server = server.metrics_listener(metrics);
         let (hub, service) = (server.hub().clone(), server.service().clone());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.serve(listener, async {
@@ -71,6 +78,7 @@ impl TestServer {
         }));
         TestServer {
             addr,
+            metrics_addr,
             hub,
             service,
             stop: Some(stop),
@@ -80,6 +88,11 @@ impl TestServer {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// GET `path` on the operations endpoint: (status, body).
+    pub async fn http_get(&self, path: &str) -> (u16, String) {
+        http_get(self.metrics_addr, path).await
     }
 
     pub async fn client(&self) -> Client {
@@ -93,6 +106,28 @@ impl TestServer {
         }
         self.task.take().expect("shutdown once")
     }
+}
+
+/// A minimal HTTP/1.1 GET (the operations endpoint is plain HTTP): (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = within(tokio::net::TcpStream::connect(addr))
+        .await
+        .expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    socket.write_all(request.as_bytes()).await.expect("write");
+    let mut raw = String::new();
+    within(socket.read_to_string(&mut raw)).await.expect("read");
+    let status = raw
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
 }
 
 /// A bidirectional TickerStream: requests go in through `tx`.

@@ -1,0 +1,440 @@
+//! Prometheus metrics and the registry of open streams. Sessions fold their local counts
+//! in once per write batch (never per tick); hub counters are read at scrape time by a
+//! collector, so publishing pays nothing for them. Served by `admin` at /metrics and
+//! /streams.
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use dashmap::DashMap;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::{exponential_buckets, Histogram},
+    },
+    registry::Registry,
+};
+use serde::Serialize;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::hub::{Hub, Source};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcLabel {
+    pub rpc: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodCodeLabel {
+    pub method: String,
+    pub code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabel {
+    pub method: String,
+}
+
+/// Why a stream ended (`tickerd_streams_ended_total{reason}`).
+pub mod ended {
+    pub const CLIENT_CANCEL: &str = "client_cancel";
+    pub const CLIENT_ERROR: &str = "client_error";
+    pub const COMPLETED: &str = "completed";
+    pub const SHUTDOWN: &str = "shutdown";
+    /// Reserved for the STRICT delivery policy and token expiry (not produced yet).
+    pub const SLOW_CONSUMER: &str = "slow_consumer";
+    pub const AUTH_EXPIRY: &str = "auth_expiry";
+}
+
+/// Cheap-to-clone handle on every metric.
+#[derive(Clone)]
+pub struct Metrics(Arc<Inner>);
+
+pub struct Inner {
+    registry: Registry,
+    pub connections: Gauge,
+    pub streams: Family<RpcLabel, Gauge>,
+    pub subscriptions: Gauge,
+    pub delivered: Counter,
+    pub dropped: Counter,
+    pub lag_notices: Counter,
+    pub streams_ended: Family<ReasonLabel, Counter>,
+    pub rpcs: Family<MethodCodeLabel, Counter>,
+    pub rpc_seconds: Family<MethodLabel, Histogram>,
+    pub publish_to_send_seconds: Histogram,
+    pub auth_failures: Family<ReasonLabel, Counter>,
+    pub open_streams: DashMap<u64, Arc<StreamInfo>>,
+    next_stream_id: AtomicU64,
+}
+
+impl std::ops::Deref for Metrics {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl Metrics {
+    /// `feed_rate`: the configured feed rate in ticks/s (0 without a paced feed).
+    pub fn new(hub: Hub, per_symbol: bool, feed_rate: f64) -> Metrics {
+        let mut registry = Registry::with_prefix("tickerd");
+        let connections = Gauge::default();
+        registry.register(
+            "connections_active",
+            "Open client connections",
+            connections.clone(),
+        );
+        let streams = Family::<RpcLabel, Gauge>::default();
+        registry.register("streams_active", "Open streams by RPC", streams.clone());
+        let subscriptions = Gauge::default();
+        registry.register(
+            "subscriptions_active",
+            "Symbol subscriptions over all streams",
+            subscriptions.clone(),
+        );
+        let delivered = Counter::default();
+        registry.register(
+            "ticks_delivered",
+            "Ticks handed to the transport, over all streams",
+            delivered.clone(),
+        );
+        let dropped = Counter::default();
+        registry.register(
+            "ticks_dropped",
+            "Ticks skipped for streams that fell behind",
+            dropped.clone(),
+        );
+        let lag_notices = Counter::default();
+        registry.register(
+            "lag_notices",
+            "KIND_LAGGED notices sent",
+            lag_notices.clone(),
+        );
+        let streams_ended = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "streams_ended",
+            "Streams ended, by reason",
+            streams_ended.clone(),
+        );
+        for reason in [
+            ended::CLIENT_CANCEL,
+            ended::CLIENT_ERROR,
+            ended::COMPLETED,
+            ended::SHUTDOWN,
+            ended::SLOW_CONSUMER,
+            ended::AUTH_EXPIRY,
+        ] {
+            let _ = streams_ended.get_or_create(&ReasonLabel { reason });
+        }
+        let rpcs = Family::<MethodCodeLabel, Counter>::default();
+        registry.register(
+            "rpcs",
+            "RPCs finished, by method and gRPC status code",
+            rpcs.clone(),
+        );
+        let rpc_seconds = Family::<MethodLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 4.0, 12))
+        });
+        registry.register(
+            "rpc_duration_seconds",
+            "RPC and stream durations",
+            rpc_seconds.clone(),
+        );
+        let publish_to_send_seconds = Histogram::new(exponential_buckets(0.00001, 2.0, 20));
+        registry.register(
+            "publish_to_send_seconds",
+            "From a tick's event time to its hand-over to the transport (first tick of each write batch)",
+            publish_to_send_seconds.clone(),
+        );
+        let auth_failures = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "auth_failures",
+            "Refused credentials, by reason",
+            auth_failures.clone(),
+        );
+        registry.register_collector(Box::new(HubCollector {
+            hub,
+            per_symbol,
+            feed_rate,
+        }));
+        Metrics(Arc::new(Inner {
+            registry,
+            connections,
+            streams,
+            subscriptions,
+            delivered,
+            dropped,
+            lag_notices,
+            streams_ended,
+            rpcs,
+            rpc_seconds,
+            publish_to_send_seconds,
+            auth_failures,
+            open_streams: DashMap::new(),
+            next_stream_id: AtomicU64::new(1),
+        }))
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// A stream's ticket: `permit` (its place under the stream cap) plus its entry in
+    /// /streams and the gauges, released with the reason set on it when dropped.
+    pub fn ticket(
+        &self,
+        rpc: &'static str,
+        peer: String,
+        principal: String,
+        permit: OwnedSemaphorePermit,
+    ) -> StreamTicket {
+        let info = self.open_stream(rpc, peer, principal);
+        StreamTicket {
+            info,
+            metrics: self.clone(),
+            reason: ended::CLIENT_CANCEL,
+            _permit: permit,
+        }
+    }
+
+    /// Registers a new stream for /streams and the stream gauges.
+    pub fn open_stream(
+        &self,
+        rpc: &'static str,
+        peer: String,
+        principal: String,
+    ) -> Arc<StreamInfo> {
+        let id = self.next_stream_id.fetch_add(1, Ordering::Relaxed);
+        let info = Arc::new(StreamInfo {
+            id,
+            rpc,
+            peer,
+            principal,
+            started: Instant::now(),
+            started_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            subscriptions: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            behind: AtomicU64::new(0),
+        });
+        self.open_streams.insert(id, Arc::clone(&info));
+        self.streams.get_or_create(&RpcLabel { rpc }).inc();
+        info
+    }
+
+    /// Unregisters a stream, counting why it ended.
+    pub fn close_stream(&self, info: &StreamInfo, reason: &'static str) {
+        self.open_streams.remove(&info.id);
+        self.streams
+            .get_or_create(&RpcLabel { rpc: info.rpc })
+            .dec();
+        self.streams_ended
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// Every open stream, oldest first, for /streams and `ticker streams`.
+    pub fn stream_list(&self) -> Vec<StreamView> {
+        let mut list: Vec<StreamView> =
+            self.open_streams.iter().map(|e| e.value().view()).collect();
+        list.sort_by_key(|s| s.id);
+        list
+    }
+}
+
+/// See `Metrics::ticket`.
+pub struct StreamTicket {
+    pub info: Arc<StreamInfo>,
+    pub metrics: Metrics,
+    /// Why the stream ends; `client_cancel` unless the stream says otherwise.
+    pub reason: &'static str,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for StreamTicket {
+    fn drop(&mut self) {
+        self.metrics.close_stream(&self.info, self.reason);
+    }
+}
+
+/// What /streams shows of one open stream; the session keeps it current per batch.
+#[derive(Debug)]
+pub struct StreamInfo {
+    pub id: u64,
+    pub rpc: &'static str,
+    pub peer: String,
+    pub principal: String,
+    pub started: Instant,
+    pub started_unix: u64,
+    pub subscriptions: AtomicU64,
+    pub sent: AtomicU64,
+    pub dropped: AtomicU64,
+    /// Ticks published to its symbols that it has not sent yet (updated at most 4×/s).
+    pub behind: AtomicU64,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct StreamView {
+    pub id: u64,
+    pub rpc: String,
+    pub peer: String,
+    pub principal: String,
+    pub age_seconds: f64,
+    pub subscriptions: u64,
+    pub ticks_sent: u64,
+    pub ticks_dropped: u64,
+    pub behind: u64,
+}
+
+impl StreamInfo {
+    fn view(&self) -> StreamView {
+        StreamView {
+            id: self.id,
+            rpc: self.rpc.to_string(),
+            peer: self.peer.clone(),
+            principal: self.principal.clone(),
+            age_seconds: self.started.elapsed().as_secs_f64(),
+            subscriptions: self.subscriptions.load(Ordering::Relaxed),
+            ticks_sent: self.sent.load(Ordering::Relaxed),
+            ticks_dropped: self.dropped.load(Ordering::Relaxed),
+            behind: self.behind.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Hub counters, build info and the feed rate, read at scrape time.
+#[derive(Debug)]
+struct HubCollector {
+    hub: Hub,
+    per_symbol: bool,
+    feed_rate: f64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabel {
+    source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SymbolLabel {
+    symbol: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabel {
+    version: &'static str,
+    git_sha: &'static str,
+}
+
+impl Collector for HubCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let stats = self.hub.stats();
+        let build = ConstGauge::new(1i64);
+        let mut m = encoder.encode_descriptor(
+            "build_info",
+            "Version and git commit",
+            None,
+            build.metric_type(),
+        )?;
+        let label = BuildLabel {
+            version: env!("CARGO_PKG_VERSION"),
+            git_sha: env!("TICKERD_GIT_SHA"),
+        };
+        build.encode(m.encode_family(&label)?)?;
+
+        for (name, help, values) in [
+            (
+                "ticks_accepted",
+                "Ticks accepted, by source",
+                &stats.accepted,
+            ),
+            (
+                "ticks_rejected",
+                "Ticks rejected (bad symbol, price, time, symbol limit), by source",
+                &stats.rejected,
+            ),
+        ] {
+            let mut m = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                ConstCounter::new(0u64).metric_type(),
+            )?;
+            for source in [Source::Feed, Source::Publish] {
+                let value = ConstCounter::new(values[source as usize].load(Ordering::Relaxed));
+                value.encode(m.encode_family(&SourceLabel {
+                    source: source.name(),
+                })?)?;
+            }
+        }
+        let overflowed = ConstCounter::new(stats.overflowed.load(Ordering::Relaxed));
+        let m = encoder.encode_descriptor(
+            "ticks_overflowed",
+            "Ticks pushed out of a full symbol channel",
+            None,
+            overflowed.metric_type(),
+        )?;
+        overflowed.encode(m)?;
+        let symbols = ConstGauge::new(self.hub.symbol_count() as i64);
+        symbols.encode(encoder.encode_descriptor(
+            "symbols_known",
+            "Known symbols",
+            None,
+            symbols.metric_type(),
+        )?)?;
+        let rate = ConstGauge::new(self.feed_rate);
+        rate.encode(encoder.encode_descriptor(
+            "feed_rate_ticks_per_second",
+            "Configured feed rate (0: no paced feed)",
+            None,
+            rate.metric_type(),
+        )?)?;
+
+        if self.per_symbol {
+            let snapshot = self.hub.symbol_seqs();
+            let mut m = encoder.encode_descriptor(
+                "symbol_ticks",
+                "Ticks accepted per symbol (its seq)",
+                None,
+                ConstCounter::new(0u64).metric_type(),
+            )?;
+            for (symbol, seq, _) in &snapshot {
+                ConstCounter::new(*seq).encode(m.encode_family(&SymbolLabel {
+                    symbol: symbol.to_string(),
+                })?)?;
+            }
+            let mut m = encoder.encode_descriptor(
+                "symbol_subscribers",
+                "Open receivers per symbol",
+                None,
+                ConstGauge::new(0i64).metric_type(),
+            )?;
+            for (symbol, _, receivers) in &snapshot {
+                ConstGauge::new(*receivers as i64).encode(m.encode_family(&SymbolLabel {
+                    symbol: symbol.to_string(),
+                })?)?;
+            }
+        }
+        Ok(())
+    }
+}
