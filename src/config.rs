@@ -140,6 +140,25 @@ pub struct Config {
           value_parser = humantime::parse_duration)]
     pub prune_interval: Duration,
 
+    /// Close connections after this age (GOAWAY, then forced close after
+    /// --max-connection-age-grace), so long-lived streams re-spread over replicas when
+    /// their clients reconnect. Off unless given.
+    #[arg(long, env = "TICKERD_MAX_CONNECTION_AGE", value_parser = humantime::parse_duration)]
+    pub max_connection_age: Option<Duration>,
+
+    /// After --max-connection-age, how long open streams may go on before the
+    /// connection is closed under them. Without it, a connection with a stream open
+    /// would never close (streams here do not end by themselves).
+    #[arg(long, env = "TICKERD_MAX_CONNECTION_AGE_GRACE", default_value = "30s",
+          value_parser = humantime::parse_duration)]
+    pub max_connection_age_grace: Duration,
+
+    /// Spread of --max-connection-age: this process uses age × (1 ± jitter), picked at
+    /// start-up, so replicas do not recycle their clients at the same moment (tonic
+    /// applies one age to all of a server's connections).
+    #[arg(long, env = "TICKERD_MAX_CONNECTION_AGE_JITTER", default_value_t = 0.1)]
+    pub max_connection_age_jitter: f64,
+
     /// Address of the operations HTTP endpoint: /metrics (Prometheus), /healthz (200
     /// while serving, 503 while draining) and /streams (JSON list of open streams).
     /// Off unless given; keep it on loopback or a private network.

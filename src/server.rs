@@ -193,7 +193,17 @@ impl Server {
             .with_keepalive(Some(config.tcp_keepalive))
             .map(move |accepted| accepted.map(|io| CountedIo::new(io, counted.clone())));
         let (stop_accepting, stopped) = oneshot::channel::<()>();
-        let serving = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(age) = config.max_connection_age {
+            let jitter = config.max_connection_age_jitter.clamp(0.0, 0.9);
+            let seed = crate::clock::now_unix_nanos() as u64 ^ u64::from(std::process::id());
+            let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(seed);
+            let factor = 1.0 + rand::Rng::random_range(&mut rng, -jitter..=jitter);
+            let age = age.mul_f64(factor);
+            tracing::info!(?age, grace = ?config.max_connection_age_grace, "connections are recycled");
+            builder = builder.max_connection_age(age).max_connection_age_grace(config.max_connection_age_grace);
+        }
+        let serving = builder
             .max_concurrent_streams(config.max_concurrent_streams)
             .http2_max_pending_accept_reset_streams(Some(
                 config.http2_max_pending_accept_reset_streams,

@@ -5,6 +5,7 @@ mod backoff;
 mod connect;
 mod live;
 mod oneshot;
+mod streams;
 mod subscribe;
 mod watch;
 
@@ -45,6 +46,9 @@ pub enum Commands {
     Publish(oneshot::PublishArgs),
     /// grpc.health.v1 status of the server; exits 0 only when SERVING.
     Health(oneshot::HealthArgs),
+    /// Open streams (peer, principal, age, subscriptions, sent, dropped, behind) from
+    /// the server's operations endpoint (--metrics-listen).
+    Streams(streams::StreamsArgs),
 }
 
 /// Runs the parsed command line; Ctrl-C ends it with exit code 130.
@@ -56,6 +60,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             Commands::Quote(args) => oneshot::quote(cli.connect, args).await,
             Commands::Publish(args) => oneshot::publish(cli.connect, args).await,
             Commands::Health(args) => oneshot::health(cli.connect, args).await,
+            Commands::Streams(args) => streams::run(args, cli.connect.timeout).await,
         }
     };
     tokio::select! {
