@@ -69,16 +69,52 @@ pub struct Inner {
     pub connections: Gauge,
     pub streams: Family<RpcLabel, Gauge>,
     pub subscriptions: Gauge,
-    pub delivered: Counter,
-    pub dropped: Counter,
-    pub lag_notices: Counter,
     pub streams_ended: Family<ReasonLabel, Counter>,
     pub rpcs: Family<MethodCodeLabel, Counter>,
     pub rpc_seconds: Family<MethodLabel, Histogram>,
     pub publish_to_send_seconds: Histogram,
     pub auth_failures: Family<ReasonLabel, Counter>,
-    pub open_streams: DashMap<u64, Arc<StreamInfo>>,
+    streams_table: Arc<StreamTable>,
     next_stream_id: AtomicU64,
+}
+
+/// Open streams and the totals of closed ones. Sessions write only their own
+/// `StreamInfo` (uncontended atomics); the per-stream totals are summed at scrape time.
+/// The mutex is taken only when a stream closes and when a scrape reads, so a scrape
+/// never counts a closing stream twice or not at all.
+#[derive(Debug, Default)]
+struct StreamTable {
+    open: DashMap<u64, Arc<StreamInfo>>,
+    closed: std::sync::Mutex<Totals>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Totals {
+    sent: u64,
+    dropped: u64,
+    lag_notices: u64,
+}
+
+impl StreamTable {
+    fn totals(&self) -> Totals {
+        let closed = self.closed.lock().unwrap_or_else(|e| e.into_inner());
+        let mut t = *closed;
+        for s in self.open.iter() {
+            t.sent += s.sent.load(Ordering::Relaxed);
+            t.dropped += s.dropped.load(Ordering::Relaxed);
+            t.lag_notices += s.lag_notices.load(Ordering::Relaxed);
+        }
+        t
+    }
+
+    fn close(&self, id: u64) {
+        let mut closed = self.closed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, s)) = self.open.remove(&id) {
+            closed.sent += s.sent.load(Ordering::Relaxed);
+            closed.dropped += s.dropped.load(Ordering::Relaxed);
+            closed.lag_notices += s.lag_notices.load(Ordering::Relaxed);
+        }
+    }
 }
 
 impl std::ops::Deref for Metrics {
@@ -105,24 +141,6 @@ impl Metrics {
             "subscriptions_active",
             "Symbol subscriptions over all streams",
             subscriptions.clone(),
-        );
-        let delivered = Counter::default();
-        registry.register(
-            "ticks_delivered",
-            "Ticks handed to the transport, over all streams",
-            delivered.clone(),
-        );
-        let dropped = Counter::default();
-        registry.register(
-            "ticks_dropped",
-            "Ticks skipped for streams that fell behind",
-            dropped.clone(),
-        );
-        let lag_notices = Counter::default();
-        registry.register(
-            "lag_notices",
-            "KIND_LAGGED notices sent",
-            lag_notices.clone(),
         );
         let streams_ended = Family::<ReasonLabel, Counter>::default();
         registry.register(
@@ -157,7 +175,7 @@ impl Metrics {
         let publish_to_send_seconds = Histogram::new(exponential_buckets(0.00001, 2.0, 20));
         registry.register(
             "publish_to_send_seconds",
-            "From a tick's event time to its hand-over to the transport (first tick of each write batch)",
+            "From a tick's event time to its hand-over to the transport (sampled: at most every 100 ms per stream)",
             publish_to_send_seconds.clone(),
         );
         let auth_failures = Family::<ReasonLabel, Counter>::default();
@@ -166,25 +184,25 @@ impl Metrics {
             "Refused credentials, by reason",
             auth_failures.clone(),
         );
-        registry.register_collector(Box::new(HubCollector {
+        let streams_table = Arc::new(StreamTable::default());
+        let collector = HubCollector {
             hub,
             per_symbol,
             feed_rate,
-        }));
+            streams: streams_table.clone(),
+        };
+        registry.register_collector(Box::new(collector));
         Metrics(Arc::new(Inner {
             registry,
             connections,
             streams,
             subscriptions,
-            delivered,
-            dropped,
-            lag_notices,
             streams_ended,
             rpcs,
             rpc_seconds,
             publish_to_send_seconds,
             auth_failures,
-            open_streams: DashMap::new(),
+            streams_table,
             next_stream_id: AtomicU64::new(1),
         }))
     }
@@ -235,16 +253,17 @@ impl Metrics {
             subscriptions: AtomicU64::new(0),
             sent: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            lag_notices: AtomicU64::new(0),
             behind: AtomicU64::new(0),
         });
-        self.open_streams.insert(id, Arc::clone(&info));
+        self.streams_table.open.insert(id, Arc::clone(&info));
         self.streams.get_or_create(&RpcLabel { rpc }).inc();
         info
     }
 
     /// Unregisters a stream, counting why it ended.
     pub fn close_stream(&self, info: &StreamInfo, reason: &'static str) {
-        self.open_streams.remove(&info.id);
+        self.streams_table.close(info.id);
         self.streams
             .get_or_create(&RpcLabel { rpc: info.rpc })
             .dec();
@@ -255,8 +274,12 @@ impl Metrics {
 
     /// Every open stream, oldest first, for /streams and `ticker streams`.
     pub fn stream_list(&self) -> Vec<StreamView> {
-        let mut list: Vec<StreamView> =
-            self.open_streams.iter().map(|e| e.value().view()).collect();
+        let mut list: Vec<StreamView> = self
+            .streams_table
+            .open
+            .iter()
+            .map(|e| e.value().view())
+            .collect();
         list.sort_by_key(|s| s.id);
         list
     }
@@ -289,6 +312,7 @@ pub struct StreamInfo {
     pub subscriptions: AtomicU64,
     pub sent: AtomicU64,
     pub dropped: AtomicU64,
+    pub lag_notices: AtomicU64,
     /// Ticks published to its symbols that it has not sent yet (updated at most 4×/s).
     pub behind: AtomicU64,
 }
@@ -328,6 +352,7 @@ struct HubCollector {
     hub: Hub,
     per_symbol: bool,
     feed_rate: f64,
+    streams: Arc<StreamTable>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -386,6 +411,32 @@ impl Collector for HubCollector {
                     source: source.name(),
                 })?)?;
             }
+        }
+        let totals = self.streams.totals();
+        for (name, help, value) in [
+            (
+                "ticks_delivered",
+                "Ticks handed to the transport, over all streams",
+                totals.sent,
+            ),
+            (
+                "ticks_dropped",
+                "Ticks skipped for streams that fell behind",
+                totals.dropped,
+            ),
+            (
+                "lag_notices",
+                "KIND_LAGGED notices sent",
+                totals.lag_notices,
+            ),
+        ] {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                counter.metric_type(),
+            )?)?;
         }
         let overflowed = ConstCounter::new(stats.overflowed.load(Ordering::Relaxed));
         let m = encoder.encode_descriptor(

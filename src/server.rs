@@ -201,7 +201,9 @@ impl Server {
             let factor = 1.0 + rand::Rng::random_range(&mut rng, -jitter..=jitter);
             let age = age.mul_f64(factor);
             tracing::info!(?age, grace = ?config.max_connection_age_grace, "connections are recycled");
-            builder = builder.max_connection_age(age).max_connection_age_grace(config.max_connection_age_grace);
+            builder = builder
+                .max_connection_age(age)
+                .max_connection_age_grace(config.max_connection_age_grace);
         }
         let serving = builder
             .max_concurrent_streams(config.max_concurrent_streams)

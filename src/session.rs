@@ -59,9 +59,10 @@ pub struct Session {
     shutdown_wake: Pin<Box<WaitForCancellationFutureOwned>>,
     shutdown_armed: bool,
     finished: bool,
-    /// Counts since the last fold into the shared metrics (once per write batch).
+    /// Counts since the last fold into this stream's `StreamInfo` (once per batch).
     local: LocalCounts,
-    next_behind_check: std::time::Instant,
+    /// Event time (Unix ns) from which the next tick samples latency and "behind".
+    next_sample: i64,
     span: tracing::Span,
     ticket: StreamTicket,
 }
@@ -71,12 +72,13 @@ struct LocalCounts {
     delivered: u64,
     dropped: u64,
     lag_notices: u64,
-    /// The first tick of a batch had its publish-to-send latency sampled.
-    sampled: bool,
+    /// Refresh /streams' "behind" at the end of this batch.
+    refresh_behind: bool,
 }
 
-/// /streams' "behind" is refreshed at most this often per stream.
-const BEHIND_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+/// Latency samples and "behind" refreshes happen at most this often per stream: the
+/// histogram takes a lock, so it must not be touched per tick.
+const SAMPLE_EVERY_NANOS: i64 = 100_000_000;
 
 struct Sub {
     symbol: Symbol,
@@ -115,7 +117,7 @@ impl Session {
             shutdown_armed: false,
             finished: false,
             local: LocalCounts::default(),
-            next_behind_check: std::time::Instant::now(),
+            next_sample: 0,
             span,
             ticket,
         }
@@ -274,36 +276,37 @@ impl Session {
         Poll::Pending
     }
 
-    /// Counts a tick going out; the first of each batch samples publish-to-send latency.
+    /// Counts a tick going out. The tick's own event time gates the (rare) latency
+    /// sample, so the common case reads no clock.
     fn deliver(&mut self, tick: Arc<Tick>) -> Outbound {
         self.local.delivered += 1;
-        if !self.local.sampled {
-            self.local.sampled = true;
-            let seconds = (clock::now_unix_nanos() - tick.event_time_unix_nanos) as f64 / 1e9;
+        if tick.event_time_unix_nanos >= self.next_sample {
+            let now = clock::now_unix_nanos();
+            self.next_sample = now + SAMPLE_EVERY_NANOS;
+            let seconds = (now - tick.event_time_unix_nanos) as f64 / 1e9;
             self.ticket
                 .metrics
                 .publish_to_send_seconds
                 .observe(seconds.max(0.0));
+            self.local.refresh_behind = true;
         }
         Outbound::Tick(tick)
     }
 
-    /// Folds the batch's counts into the shared metrics (end of batch, and on drop).
+    /// Folds the batch's counts into this stream's `StreamInfo` (end of batch, and on
+    /// drop); only this session writes it, so the atomics are uncontended.
     fn fold(&mut self) {
         let local = std::mem::take(&mut self.local);
-        let (metrics, info) = (&self.ticket.metrics, &self.ticket.info);
+        let info = &self.ticket.info;
         if local.delivered > 0 {
-            metrics.delivered.inc_by(local.delivered);
             info.sent.fetch_add(local.delivered, Ordering::Relaxed);
         }
         if local.lag_notices > 0 {
-            metrics.dropped.inc_by(local.dropped);
-            metrics.lag_notices.inc_by(local.lag_notices);
             info.dropped.fetch_add(local.dropped, Ordering::Relaxed);
+            info.lag_notices
+                .fetch_add(local.lag_notices, Ordering::Relaxed);
         }
-        let now = std::time::Instant::now();
-        if now >= self.next_behind_check {
-            self.next_behind_check = now + BEHIND_EVERY;
+        if local.refresh_behind {
             let behind: u64 = self
                 .subs
                 .iter()

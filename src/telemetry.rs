@@ -1,18 +1,99 @@
-//! Logging set-up shared by the binaries: tracing-subscriber, filtered by `RUST_LOG`
-//! (default `info`), as text or JSON lines on stderr.
+//! Logging and tracing set-up shared by the binaries: tracing-subscriber, filtered by
+//! `RUST_LOG` (default `info`), as text or JSON lines on stderr. Built with the `otel`
+//! feature, spans are also exported over OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` is
+//! set (the OpenTelemetry SDK reads its other `OTEL_*` variables too).
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilter, Layer};
 
 use crate::config::LogFormat;
 
+/// Keeps exporters alive; dropping it flushes them. Hold it for the life of `main`.
+#[must_use = "dropping the guard stops span export"]
+pub struct Guard {
+    #[cfg(feature = "otel")]
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        #[cfg(feature = "otel")]
+        if let Some(provider) = self.provider.take() {
+            if let Err(e) = provider.shutdown() {
+                eprintln!("tickerd: flushing spans failed: {e}");
+            }
+        }
+    }
+}
+
 /// Installs the global subscriber; a second call is a no-op.
-pub fn init(format: LogFormat) {
+pub fn init(format: LogFormat) -> Guard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
     };
+    let registry = tracing_subscriber::registry().with(filter).with(fmt);
+
+    #[cfg(feature = "otel")]
+    {
+        let (layer, provider) = match otel::layer() {
+            Ok(Some((layer, provider))) => (Some(layer), Some(provider)),
+            Ok(None) => (None, None),
+            Err(e) => {
+                eprintln!("tickerd: OpenTelemetry export disabled: {e}");
+                (None, None)
+            }
+        };
+        let _ = registry.with(layer).try_init();
+        Guard { provider }
+    }
+    #[cfg(not(feature = "otel"))]
+    {
+        let _ = registry.try_init();
+        Guard {}
+    }
+}
+
+#[cfg(feature = "otel")]
+mod otel {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_sdk::{trace::SdkTracerProvider, Resource};
+    use tracing_subscriber::Registry;
+
+    type Layer = tracing_opentelemetry::OpenTelemetryLayer<
+        tracing_subscriber::layer::Layered<
+            Box<
+                dyn tracing_subscriber::Layer<
+                        tracing_subscriber::layer::Layered<tracing_subscriber::EnvFilter, Registry>,
+                    > + Send
+                    + Sync,
+            >,
+            tracing_subscriber::layer::Layered<tracing_subscriber::EnvFilter, Registry>,
+        >,
+        opentelemetry_sdk::trace::Tracer,
+    >;
+
+    /// The OTLP layer, when `OTEL_EXPORTER_OTLP_ENDPOINT` asks for one.
+    pub fn layer() -> Result<Option<(Layer, SdkTracerProvider)>, Box<dyn std::error::Error>> {
+        if std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_none() {
+            return Ok(None);
+        }
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .build()?;
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(
+                Resource::builder()
+                    .with_service_name(env!("CARGO_PKG_NAME"))
+                    .build(),
+            )
+            .build();
+        let tracer = provider.tracer(env!("CARGO_PKG_NAME"));
+        Ok(Some((
+            tracing_opentelemetry::layer().with_tracer(tracer),
+            provider,
+        )))
+    }
 }

@@ -312,11 +312,19 @@ async fn streams_lists_the_open_streams() {
     let mut stream = Stream::open(&mut client).await;
     stream.subscribed("ST").await;
     let metrics = server.metrics_addr.to_string();
-    let (code, out, err) = TickerCli::spawn(&server.url(), &["streams", "--metrics", &metrics]).finish().await;
+    let (code, out, err) = TickerCli::spawn(&server.url(), &["streams", "--metrics", &metrics])
+        .finish()
+        .await;
     assert_eq!(code, 0, "{err}");
     let row = out.lines().nth(1).expect(&out);
-    assert!(row.contains("TickerStream") && row.contains("anonymous") && row.contains("127.0.0.1:"), "{out}");
-    let (code, out, _) = TickerCli::spawn(&server.url(), &["streams", "--json", "--metrics", &metrics]).finish().await;
+    assert!(
+        row.contains("TickerStream") && row.contains("anonymous") && row.contains("127.0.0.1:"),
+        "{out}"
+    );
+    let (code, out, _) =
+        TickerCli::spawn(&server.url(), &["streams", "--json", "--metrics", &metrics])
+            .finish()
+            .await;
     assert_eq!(code, 0);
     let list: Vec<tickerd::metrics::StreamView> = serde_json::from_str(&out).expect(&out);
     assert_eq!(list.len(), 1);

@@ -9,7 +9,7 @@ use tickerd::{config::Config, server::Server, telemetry};
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
-    telemetry::init(config.log_format);
+    let _telemetry = telemetry::init(config.log_format);
     let (listen, metrics_listen) = (config.listen, config.metrics_listen);
     let mut server = match Server::new(config) {
         Ok(server) => server,

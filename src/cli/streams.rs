@@ -25,13 +25,22 @@ pub struct StreamsArgs {
 pub async fn run(args: StreamsArgs, timeout: Duration) -> Result<(), CliError> {
     let body = tokio::time::timeout(timeout, get(&args.metrics, "/streams"))
         .await
-        .map_err(|_| CliError::new(exit::CANNOT_CONNECT, format!("{} did not answer within {timeout:?}", args.metrics)))??;
+        .map_err(|_| {
+            CliError::new(
+                exit::CANNOT_CONNECT,
+                format!("{} did not answer within {timeout:?}", args.metrics),
+            )
+        })??;
     if args.json {
         println!("{body}");
         return Ok(());
     }
-    let streams: Vec<StreamView> = serde_json::from_str(&body)
-        .map_err(|e| CliError::new(exit::REJECTED, format!("{} sent no stream list: {e}", args.metrics)))?;
+    let streams: Vec<StreamView> = serde_json::from_str(&body).map_err(|e| {
+        CliError::new(
+            exit::REJECTED,
+            format!("{} sent no stream list: {e}", args.metrics),
+        )
+    })?;
     println!(
         "{:>6} {:<13} {:<22} {:<16} {:>9} {:>5} {:>12} {:>10} {:>8}",
         "ID", "RPC", "PEER", "PRINCIPAL", "AGE", "SUBS", "SENT", "DROPPED", "BEHIND"
@@ -39,7 +48,15 @@ pub async fn run(args: StreamsArgs, timeout: Duration) -> Result<(), CliError> {
     for s in &streams {
         println!(
             "{:>6} {:<13} {:<22} {:<16} {:>8.0}s {:>5} {:>12} {:>10} {:>8}",
-            s.id, s.rpc, s.peer, s.principal, s.age_seconds, s.subscriptions, s.ticks_sent, s.ticks_dropped, s.behind
+            s.id,
+            s.rpc,
+            s.peer,
+            s.principal,
+            s.age_seconds,
+            s.subscriptions,
+            s.ticks_sent,
+            s.ticks_dropped,
+            s.behind
         );
     }
     Ok(())
@@ -47,7 +64,12 @@ pub async fn run(args: StreamsArgs, timeout: Duration) -> Result<(), CliError> {
 
 /// A plain HTTP/1.1 GET; the endpoint answers with `Connection: close` semantics.
 async fn get(addr: &str, path: &str) -> Result<String, CliError> {
-    let cannot = |e: std::io::Error| CliError::new(exit::CANNOT_CONNECT, format!("cannot reach {addr}: {}", super::connect::root_cause(&e)));
+    let cannot = |e: std::io::Error| {
+        CliError::new(
+            exit::CANNOT_CONNECT,
+            format!("cannot reach {addr}: {}", super::connect::root_cause(&e)),
+        )
+    };
     let mut socket = TcpStream::connect(addr).await.map_err(cannot)?;
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     socket.write_all(request.as_bytes()).await.map_err(cannot)?;
@@ -57,7 +79,10 @@ async fn get(addr: &str, path: &str) -> Result<String, CliError> {
     let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
     if !head.starts_with("HTTP/1.1 200") {
         let status = head.lines().next().unwrap_or_default();
-        return Err(CliError::new(exit::REJECTED, format!("{addr}{path}: {status}")));
+        return Err(CliError::new(
+            exit::REJECTED,
+            format!("{addr}{path}: {status}"),
+        ));
     }
     Ok(body.to_string())
 }
