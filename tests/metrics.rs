@@ -194,3 +194,31 @@ async fn healthz_turns_503_while_draining() {
     within(serving).await.unwrap().unwrap();
     drop(stalled);
 }
+
+#[tokio::test]
+async fn feed_ticks_and_per_symbol_series() {
+    let server = TestServer::with(|c| {
+        c.feed = tickerd::feed::FeedKind::Sim;
+        c.symbols = 2;
+        c.rate = 2000.0;
+        c.metrics_per_symbol = true;
+    })
+    .await;
+    // Wait for the simulator through a subscriber: its first tick proves the feed runs.
+    let mut stream = Stream::open(&mut server.client().await).await;
+    stream.subscribed("SYM1").await;
+    while stream.next().await.kind() != Kind::Tick {}
+    let s = scrape(&server).await;
+    assert!(value(&s, "tickerd_ticks_accepted_total", &[("source", "feed")]) >= 1.0);
+    assert_eq!(
+        value(&s, "tickerd_ticks_accepted_total", &[("source", "publish")]),
+        0.0
+    );
+    assert_eq!(value(&s, "tickerd_symbols_known", &[]), 2.0);
+    assert_eq!(value(&s, "tickerd_feed_rate_ticks_per_second", &[]), 2000.0);
+    assert!(value(&s, "tickerd_symbol_ticks_total", &[("symbol", "SYM1")]) >= 1.0);
+    assert_eq!(
+        value(&s, "tickerd_symbol_subscribers", &[("symbol", "SYM1")]),
+        1.0
+    );
+}
