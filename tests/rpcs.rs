@@ -198,11 +198,7 @@ impl Decoder for ResponseDecoder {
 #[tokio::test]
 async fn publish_ends_with_invalid_argument_on_undecodable_bytes_after_applying_earlier_ticks() {
     let server = TestServer::start().await;
-    let channel = tickerd::client::endpoint(server.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = server.channel().await;
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
     let good = |p: f64| Bytes::from(PublishRequest::new("RAW", p).encode_to_vec());

@@ -17,11 +17,7 @@ const SERVICE: &str = "ticker.v1.TickerStreamService";
 #[tokio::test]
 async fn health_reports_serving_and_reflection_lists_the_services() {
     let server = TestServer::start().await;
-    let channel = tickerd::client::endpoint(server.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = server.channel().await;
     let mut health = HealthClient::new(channel.clone());
     for service in ["", SERVICE] {
         let status = health
@@ -185,11 +181,7 @@ async fn shutdown_drains_streams_even_with_a_stalled_client() {
     let mut server = TestServer::start().await;
     let mut client = server.client().await;
     publish(&mut client, ticks("BYE", 1)).await;
-    let channel = tickerd::client::endpoint(server.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = server.channel().await;
     let mut watch = HealthClient::new(channel)
         .watch(HealthCheckRequest {
             service: SERVICE.into(),

@@ -84,6 +84,48 @@ struct Live {
     commands_open: bool,
 }
 
+/// What a tick or snapshot with `seq` says about the ticks after `last_seen`: on one
+/// server seq only grows, and a snapshot after a reconnect may skip ticks. A tick never
+/// jumps (the server announces those gaps with KIND_LAGGED), so only its going backwards
+/// (a restarted sequence) is news.
+fn continuity(symbol: &str, last_seen: u64, seq: u64, snapshot: bool) -> Option<Event> {
+    let symbol = symbol.to_string();
+    if seq < last_seen || (!snapshot && seq == last_seen) {
+        Some(Event::SequenceRestarted {
+            symbol,
+            last_seen,
+            snapshot_seq: seq,
+        })
+    } else if snapshot && seq > last_seen + 1 {
+        Some(Event::Missed {
+            symbol,
+            last_seen,
+            snapshot_seq: seq,
+            missed: seq - last_seen - 1,
+        })
+    } else {
+        None
+    }
+}
+
+/// Starts `run` as a task: returns where to send commands, where events arrive, and the
+/// task (its result says why the stream gave up).
+pub fn spawn(
+    opts: ConnectOpts,
+    symbols: Vec<String>,
+    max_retries: Option<u32>,
+    event_buffer: usize,
+) -> (
+    mpsc::Sender<Command>,
+    mpsc::Receiver<Event>,
+    tokio::task::JoinHandle<Result<(), CliError>>,
+) {
+    let (commands_tx, commands) = mpsc::channel(64);
+    let (events_tx, events) = mpsc::channel(event_buffer);
+    let task = tokio::spawn(run(opts, symbols, commands, events_tx, max_retries));
+    (commands_tx, events, task)
+}
+
 /// Runs until a non-retryable error, `max_retries` consecutive failed attempts, or the
 /// event receiver going away.
 pub async fn run(
@@ -227,46 +269,19 @@ impl Live {
     async fn on_message(&mut self, msg: TickerResponse) -> Result<(), End> {
         let symbol = msg.symbol.clone();
         let event = match msg.kind() {
-            Kind::Tick => {
+            Kind::Tick | Kind::Snapshot => {
+                let snapshot = msg.kind() == Kind::Snapshot;
                 if let Some(&last_seen) = self.last_seq.get(&symbol) {
-                    // A tick never goes backwards on one server: this one restarted.
-                    if msg.seq <= last_seen {
-                        let snapshot_seq = msg.seq;
-                        self.emit(Event::SequenceRestarted {
-                            symbol: symbol.clone(),
-                            last_seen,
-                            snapshot_seq,
-                        })
-                        .await?;
+                    if let Some(gap) = continuity(&symbol, last_seen, msg.seq, snapshot) {
+                        self.emit(gap).await?;
                     }
                 }
                 self.last_seq.insert(symbol, msg.seq);
-                Event::Tick(msg)
-            }
-            Kind::Snapshot => {
-                if let Some(&last_seen) = self.last_seq.get(&symbol) {
-                    if msg.seq > last_seen + 1 {
-                        let missed = msg.seq - last_seen - 1;
-                        let snapshot_seq = msg.seq;
-                        self.emit(Event::Missed {
-                            symbol: symbol.clone(),
-                            last_seen,
-                            snapshot_seq,
-                            missed,
-                        })
-                        .await?;
-                    } else if msg.seq < last_seen {
-                        let snapshot_seq = msg.seq;
-                        self.emit(Event::SequenceRestarted {
-                            symbol: symbol.clone(),
-                            last_seen,
-                            snapshot_seq,
-                        })
-                        .await?;
-                    }
+                if snapshot {
+                    Event::Snapshot(msg)
+                } else {
+                    Event::Tick(msg)
                 }
-                self.last_seq.insert(symbol, msg.seq);
-                Event::Snapshot(msg)
             }
             Kind::Subscribed => Event::Subscribed(symbol),
             Kind::Unsubscribed => Event::Unsubscribed(symbol),
@@ -284,5 +299,33 @@ impl Live {
             },
         };
         self.emit(event).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gaps_across_reconnects() {
+        assert_eq!(continuity("A", 5, 6, false), None);
+        assert_eq!(continuity("A", 5, 6, true), None);
+        assert_eq!(continuity("A", 5, 5, true), None);
+        assert_eq!(
+            continuity("A", 5, 9, true),
+            Some(Event::Missed {
+                symbol: "A".into(),
+                last_seen: 5,
+                snapshot_seq: 9,
+                missed: 3
+            })
+        );
+        let restarted = Some(Event::SequenceRestarted {
+            symbol: "A".into(),
+            last_seen: 5,
+            snapshot_seq: 2,
+        });
+        assert_eq!(continuity("A", 5, 2, true), restarted);
+        assert_eq!(continuity("A", 5, 2, false), restarted);
     }
 }

@@ -42,16 +42,9 @@ struct TickLine<'a> {
 }
 
 pub async fn run(opts: ConnectOpts, args: SubscribeArgs) -> Result<(), CliError> {
-    let (commands_tx, commands) = mpsc::channel(64);
-    let (events_tx, mut events) = mpsc::channel(4096);
-    tokio::spawn(read_commands(commands_tx));
-    let stream = tokio::spawn(live::run(
-        opts,
-        args.symbols.clone(),
-        commands,
-        events_tx,
-        args.max_retries,
-    ));
+    let (commands, mut events, stream) =
+        live::spawn(opts, args.symbols.clone(), args.max_retries, 4096);
+    tokio::spawn(read_commands(commands));
     let mut first_price: HashMap<String, f64> = HashMap::new();
     while let Some(event) = events.recv().await {
         match event {

@@ -288,15 +288,8 @@ impl Board {
 }
 
 pub async fn run(opts: ConnectOpts, args: WatchArgs) -> Result<(), CliError> {
-    let (commands_tx, commands) = mpsc::channel(64);
-    let (events_tx, mut events) = mpsc::channel(8192);
-    let stream = tokio::spawn(live::run(
-        opts,
-        args.symbols.clone(),
-        commands,
-        events_tx,
-        args.max_retries,
-    ));
+    let (commands_tx, mut events, stream) =
+        live::spawn(opts, args.symbols.clone(), args.max_retries, 8192);
     let (keys_tx, mut keys) = mpsc::channel(64);
     // crossterm's blocking reader lives on its own thread.
     std::thread::spawn(move || loop {

@@ -95,6 +95,15 @@ impl TestServer {
         http_get(self.metrics_addr, path).await
     }
 
+    /// A plain channel, for clients of other services (health, reflection, raw codecs).
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        client::endpoint(self.url())
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
     pub async fn client(&self) -> Client {
         client::connect(self.url()).await.expect("connect")
     }
