@@ -87,14 +87,7 @@ async fn get_quotes_returns_last_ticks_of_known_symbols() {
     let mut client = server.client().await;
     publish(&mut client, ticks("A", 3)).await;
     publish(&mut client, ticks("B", 1)).await;
-    let quotes = client
-        .get_quotes(GetQuotesRequest {
-            symbols: vec!["B".into(), "UNKNOWN".into(), "A".into()],
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .quotes;
+    let quotes = common::quotes(&mut client, &["B", "UNKNOWN", "A"]).await;
     let got: Vec<_> = quotes
         .iter()
         .map(|q| (q.kind(), q.symbol.as_str(), q.seq, q.ltp))

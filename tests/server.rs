@@ -285,14 +285,7 @@ async fn replay_feed_publishes_a_file_and_reports_bad_lines_by_number() {
     );
 
     let mut client = tickerd::client::connect(tickerd.url()).await.unwrap();
-    let quotes = client
-        .get_quotes(GetQuotesRequest {
-            symbols: vec!["AAA".into(), "BBB".into()],
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .quotes;
+    let quotes = common::quotes(&mut client, &["AAA", "BBB"]).await;
     let got: Vec<_> = quotes
         .iter()
         .map(|q| (q.symbol.as_str(), q.seq, q.ltp))
@@ -337,13 +330,6 @@ async fn symbols_file_makes_symbols_known_before_their_first_tick() {
     publish(&mut client, ticks("BRK.B", 1)).await;
     assert_eq!(stream.expect(Kind::Tick, "BRK.B").await.seq, 1);
     // Quotes omit listed symbols that never ticked.
-    let quotes = client
-        .get_quotes(GetQuotesRequest {
-            symbols: vec!["AAPL".into(), "BRK.B".into()],
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .quotes;
+    let quotes = common::quotes(&mut client, &["AAPL", "BRK.B"]).await;
     assert_eq!(quotes.len(), 1);
 }

@@ -4,7 +4,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use clap::Args;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::AsyncRead;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Request;
 use tonic_health::pb::{
@@ -13,7 +13,7 @@ use tonic_health::pb::{
 
 use super::connect::{exit, CliError, ConnectOpts};
 use crate::{
-    feed::csv,
+    feed::csv::{Line, TickReader},
     pb::{GetQuotesRequest, PublishRequest},
 };
 
@@ -115,19 +115,22 @@ async fn feed_lines(
     tx: &tokio::sync::mpsc::Sender<PublishRequest>,
     rate: f64,
 ) -> (u64, u64) {
-    let mut lines = BufReader::new(input).lines();
+    let mut reader = TickReader::new(input);
     let pace = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
     let mut next = tokio::time::Instant::now();
-    let (mut line_no, mut sent, mut malformed) = (0u64, 0u64, 0u64);
-    while let Ok(Some(line)) = lines.next_line().await {
-        line_no += 1;
-        let tick = match csv::parse_line(&line) {
-            Ok(Some(tick)) => tick,
-            Ok(None) => continue,
-            Err(reason) => {
+    let (mut sent, mut malformed) = (0u64, 0u64);
+    loop {
+        let tick = match reader.next().await {
+            Line::Tick(tick) => tick,
+            Line::End => break,
+            Line::Malformed { line, reason } => {
                 malformed += 1;
-                eprintln!("line {line_no}: {reason}; skipped");
+                eprintln!("line {line}: {reason}; skipped");
                 continue;
+            }
+            Line::Failed { line, error } => {
+                eprintln!("line {line}: cannot read: {error}; stopping");
+                break;
             }
         };
         if let Some(pace) = pace {

@@ -1,7 +1,73 @@
 //! The tick CSV format shared by `--feed replay:PATH` and `ticker publish`:
 //! `symbol,price[,unix_nanos]`, one tick per line; blank lines and `#` comments skipped.
 
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader, Lines};
+
 use crate::symbol;
+
+/// What the next line of a tick file holds.
+#[derive(Debug)]
+pub enum Line {
+    Tick(CsvTick),
+    /// Line `line` (1-based) is not a tick; `reason` says why.
+    Malformed {
+        line: u64,
+        reason: String,
+    },
+    /// Reading failed at line `line`.
+    Failed {
+        line: u64,
+        error: std::io::Error,
+    },
+    End,
+}
+
+/// Reads tick lines one by one, numbering them and skipping blanks and comments.
+/// `next` is cancel-safe: it only awaits the underlying line reader.
+pub struct TickReader<R> {
+    lines: Lines<BufReader<R>>,
+    line: u64,
+}
+
+impl<R: AsyncRead + Unpin> TickReader<R> {
+    pub fn new(input: R) -> TickReader<R> {
+        TickReader {
+            lines: BufReader::new(input).lines(),
+            line: 0,
+        }
+    }
+
+    /// The number of the last line read.
+    pub fn line(&self) -> u64 {
+        self.line
+    }
+
+    pub async fn next(&mut self) -> Line {
+        loop {
+            let text = match self.lines.next_line().await {
+                Ok(Some(text)) => text,
+                Ok(None) => return Line::End,
+                Err(error) => {
+                    return Line::Failed {
+                        line: self.line + 1,
+                        error,
+                    }
+                }
+            };
+            self.line += 1;
+            match parse_line(&text) {
+                Ok(Some(tick)) => return Line::Tick(tick),
+                Ok(None) => continue,
+                Err(reason) => {
+                    return Line::Malformed {
+                        line: self.line,
+                        reason,
+                    }
+                }
+            }
+        }
+    }
+}
 
 /// One parsed line.
 #[derive(Debug, Clone, PartialEq)]

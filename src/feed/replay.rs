@@ -4,13 +4,10 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    time::Instant,
-};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::csv;
+use super::csv::{Line, TickReader};
 use crate::hub::{Hub, Source};
 
 pub struct Replay {
@@ -34,33 +31,28 @@ impl Replay {
 
     pub async fn run(self, hub: Hub, shutdown: CancellationToken) {
         let path = self.path.display().to_string();
-        let mut lines = BufReader::new(tokio::fs::File::from_std(self.file)).lines();
+        let mut reader = TickReader::new(tokio::fs::File::from_std(self.file));
         let start = Instant::now();
         let mut first_ts: Option<i64> = None;
         let mut due = start;
-        let (mut line_no, mut published, mut malformed) = (0u64, 0u64, 0u64);
+        let (mut published, mut malformed) = (0u64, 0u64);
         tracing::info!(file = %path, speed = self.speed, "replay started");
         loop {
             let line = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                line = lines.next_line() => line,
+                line = reader.next() => line,
             };
-            let line = match line {
-                Ok(Some(line)) => line,
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::error!(file = %path, line = line_no + 1, error = %e, "replay read failed; stopping");
-                    break;
-                }
-            };
-            line_no += 1;
-            let tick = match csv::parse_line(&line) {
-                Ok(Some(tick)) => tick,
-                Ok(None) => continue,
-                Err(reason) => {
+            let tick = match line {
+                Line::Tick(tick) => tick,
+                Line::End => break,
+                Line::Malformed { line, reason } => {
                     malformed += 1;
-                    tracing::warn!(file = %path, line = line_no, %reason, "malformed replay line skipped");
+                    tracing::warn!(file = %path, line, %reason, "malformed replay line skipped");
                     continue;
+                }
+                Line::Failed { line, error } => {
+                    tracing::error!(file = %path, line, %error, "replay read failed; stopping");
+                    break;
                 }
             };
             if self.speed > 0.0 {
@@ -81,7 +73,7 @@ impl Replay {
             match hub.publish_from(Source::Feed, &tick.symbol, tick.price, 0) {
                 Ok(_) => published += 1,
                 Err(e) => {
-                    tracing::warn!(file = %path, line = line_no, error = %e, "replayed tick rejected")
+                    tracing::warn!(file = %path, line = reader.line(), error = %e, "replayed tick rejected")
                 }
             }
         }

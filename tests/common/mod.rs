@@ -250,6 +250,18 @@ pub async fn publish(client: &mut Client, ticks: Vec<PublishRequest>) -> Publish
         .into_inner()
 }
 
+/// GetQuotes for `symbols`.
+pub async fn quotes(client: &mut Client, symbols: &[&str]) -> Vec<TickerResponse> {
+    let request = tickerd::pb::GetQuotesRequest {
+        symbols: symbols.iter().map(|s| s.to_string()).collect(),
+    };
+    within(client.get_quotes(request))
+        .await
+        .expect("get quotes")
+        .into_inner()
+        .quotes
+}
+
 /// `n` server-stamped ticks of `symbol`, prices 1.0, 2.0, ...
 pub fn ticks(symbol: &str, n: usize) -> Vec<PublishRequest> {
     (1..=n)
