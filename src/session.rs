@@ -123,11 +123,6 @@ impl Session {
         }
     }
 
-    /// Number of symbols this stream is subscribed to.
-    pub fn subscription_count(&self) -> usize {
-        self.subs.len()
-    }
-
     /// Applies one client request, queueing its reply.
     pub fn apply(&mut self, request: TickerRequest) {
         match Action::try_from(request.action) {
