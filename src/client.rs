@@ -44,6 +44,7 @@ impl TickerRequest {
         TickerRequest {
             symbol: symbol.into(),
             action: Action::Subscribe as i32,
+            ..TickerRequest::default()
         }
     }
 
@@ -51,6 +52,15 @@ impl TickerRequest {
         TickerRequest {
             symbol: symbol.into(),
             action: Action::Unsubscribe as i32,
+            ..TickerRequest::default()
+        }
+    }
+
+    /// Replaces this stream's token (same subject) without touching subscriptions.
+    pub fn refresh_token(token: impl Into<String>) -> TickerRequest {
+        TickerRequest {
+            token: token.into(),
+            ..TickerRequest::default()
         }
     }
 }

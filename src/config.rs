@@ -5,7 +5,11 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 
-use crate::feed::FeedKind;
+use crate::{
+    auth::{JwtKey, JwtSettings},
+    feed::FeedKind,
+    tls::TlsFiles,
+};
 
 /// tickerd: real-time market-data fan-out over gRPC (ticker.v1.TickerStreamService).
 ///
@@ -170,6 +174,66 @@ pub struct Config {
     #[arg(long, env = "TICKERD_METRICS_PER_SYMBOL")]
     pub metrics_per_symbol: bool,
 
+    /// Server certificate chain (PEM). With --tls-key, turns on TLS (1.2 and 1.3 only).
+    #[arg(long, env = "TICKERD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "TICKERD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA certificates (PEM) that client certificates must chain to: every client must
+    /// present one (mutual TLS). Its subject (e.g. `CN=alice`) is the caller's identity
+    /// when no token is used.
+    #[arg(long, env = "TICKERD_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// A TLS handshake not finished within this is dropped (a client that connects and
+    /// sends nothing holds nothing longer).
+    #[arg(long, env = "TICKERD_TLS_HANDSHAKE_TIMEOUT", default_value = "10s",
+          value_parser = humantime::parse_duration)]
+    pub tls_handshake_timeout: Duration,
+
+    /// Also re-read the TLS files this often (they are always re-read on SIGHUP). New
+    /// handshakes use the new files; open connections keep theirs; bad new files are
+    /// refused with a logged error and the old ones stay in service.
+    #[arg(long, env = "TICKERD_TLS_RELOAD_INTERVAL", value_parser = humantime::parse_duration)]
+    pub tls_reload_interval: Option<Duration>,
+
+    /// HS256 secret file (at least 32 bytes; surrounding whitespace ignored). Turns on
+    /// JWT bearer auth: every call but health needs `authorization: Bearer <token>`.
+    #[arg(
+        long,
+        env = "TICKERD_JWT_SECRET_FILE",
+        conflicts_with = "jwt_public_key"
+    )]
+    pub jwt_secret_file: Option<PathBuf>,
+
+    /// PEM public key of the token issuer: RSA (RS256), P-256 (ES256) or Ed25519
+    /// (EdDSA); only that algorithm is accepted. Turns on JWT bearer auth.
+    #[arg(long, env = "TICKERD_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+
+    /// Required `iss` claim.
+    #[arg(long, env = "TICKERD_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Required `aud` claim.
+    #[arg(long, env = "TICKERD_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Clock skew tolerated on `exp` and `nbf`. A stream ends when its token's `exp`
+    /// plus this has passed.
+    #[arg(long, env = "TICKERD_JWT_LEEWAY", default_value = "30s",
+          value_parser = humantime::parse_duration)]
+    pub jwt_leeway: Duration,
+
+    /// Allow listening on a non-loopback address without TLS and without auth. Without
+    /// it tickerd refuses: anyone who can reach the port could read every symbol and
+    /// publish prices.
+    #[arg(long, env = "TICKERD_INSECURE")]
+    pub insecure: bool,
+
     /// Log line format; the level comes from RUST_LOG (default `info`).
     #[arg(long, env = "TICKERD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -191,6 +255,46 @@ pub enum LogFormat {
 }
 
 impl Config {
+    /// The JWT settings, when auth is on.
+    pub fn jwt(&self) -> Option<JwtSettings> {
+        let key = match (&self.jwt_secret_file, &self.jwt_public_key) {
+            (Some(secret), _) => JwtKey::Secret(secret.clone()),
+            (None, Some(public)) => JwtKey::Public(public.clone()),
+            (None, None) => return None,
+        };
+        Some(JwtSettings {
+            key,
+            issuer: self.jwt_issuer.clone(),
+            audience: self.jwt_audience.clone(),
+            leeway: self.jwt_leeway,
+        })
+    }
+
+    /// The TLS files, when TLS is on.
+    pub fn tls(&self) -> Option<TlsFiles> {
+        Some(TlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone(),
+        })
+    }
+
+    /// Refuses a plaintext, unauthenticated server on a non-loopback `listen` address
+    /// unless --insecure says the risk is accepted.
+    pub fn check_exposure(&self) -> Result<(), String> {
+        let exposed = !self.listen.ip().is_loopback();
+        if exposed && self.tls().is_none() && self.jwt().is_none() && !self.insecure {
+            return Err(format!(
+                "refusing to listen on {} without TLS and without authentication: anyone who \
+                 can reach it could read every symbol and publish prices. Give --tls-cert and \
+                 --tls-key, or --jwt-secret-file / --jwt-public-key, or --insecure to accept \
+                 the risk (or listen on 127.0.0.1)",
+                self.listen
+            ));
+        }
+        Ok(())
+    }
+
     /// The configuration of a start with no flags (`TICKERD_*` variables still apply),
     /// for embedding and tests; `listen` is unused when the caller binds the listener.
     pub fn defaults() -> Config {
@@ -206,6 +310,30 @@ mod tests {
     fn cli_is_well_formed() {
         use clap::CommandFactory;
         Config::command().debug_assert();
+    }
+
+    #[test]
+    fn plaintext_without_auth_is_refused_off_loopback() {
+        let parse = |args: &[&str]| Config::parse_from([&["tickerd"], args].concat());
+        assert!(parse(&[]).check_exposure().is_ok());
+        let msg = parse(&["--listen", "0.0.0.0:50051"])
+            .check_exposure()
+            .unwrap_err();
+        assert!(
+            msg.contains("without TLS and without authentication"),
+            "{msg}"
+        );
+        assert!(parse(&["--listen", "0.0.0.0:1", "--insecure"])
+            .check_exposure()
+            .is_ok());
+        assert!(parse(&["--listen", "0.0.0.0:1", "--jwt-secret-file", "s"])
+            .check_exposure()
+            .is_ok());
+        assert!(
+            parse(&["--listen", "[::]:1", "--tls-cert", "c", "--tls-key", "k"])
+                .check_exposure()
+                .is_ok()
+        );
     }
 
     #[test]

@@ -1,18 +1,22 @@
 //! tickerd: a real-time market-data fan-out server over gRPC.
 //!
 //! Data flows feed → [`hub`] (per-symbol channels, last value, seq) → [`session`] (one
-//! client stream) → [`service`] (gRPC status mapping) → [`server`] (limits, lifecycle).
+//! client stream) → [`service`] (gRPC status mapping, [`auth`] per call) → [`server`]
+//! (limits, lifecycle; [`tls`] and [`incoming`] for connections).
 //! [`client`] holds what the `ticker` CLI and the tests use to talk to a server.
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod codec;
 pub mod config;
+pub mod devcerts;
 pub mod feed;
 pub mod hub;
+pub mod incoming;
 pub mod loadgen;
 pub mod metrics;
 pub mod observe;
@@ -22,6 +26,7 @@ pub mod session;
 pub mod shutdown;
 pub mod symbol;
 pub mod telemetry;
+pub mod tls;
 
 /// The `ticker.v1` contract: messages and client (prost), server trait (tonic-build).
 #[allow(clippy::all, clippy::pedantic)]

@@ -55,9 +55,17 @@ pub mod ended {
     pub const CLIENT_ERROR: &str = "client_error";
     pub const COMPLETED: &str = "completed";
     pub const SHUTDOWN: &str = "shutdown";
-    /// Reserved for the STRICT delivery policy and token expiry (not produced yet).
+    /// Reserved for the STRICT delivery policy (not produced yet).
     pub const SLOW_CONSUMER: &str = "slow_consumer";
+    /// The caller's token expired while the stream was open.
     pub const AUTH_EXPIRY: &str = "auth_expiry";
+    /// An in-band token refresh failed its checks.
+    pub const AUTH_REJECTED: &str = "auth_rejected";
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
 }
 
 /// Cheap-to-clone handle on every metric.
@@ -74,6 +82,9 @@ pub struct Inner {
     pub rpc_seconds: Family<MethodLabel, Histogram>,
     pub publish_to_send_seconds: Histogram,
     pub auth_failures: Family<ReasonLabel, Counter>,
+    tls_handshake_failures: Family<ReasonLabel, Counter>,
+    tls_reloads: Family<OutcomeLabel, Counter>,
+    tls_certificate_expiry: Gauge,
     streams_table: Arc<StreamTable>,
     next_stream_id: AtomicU64,
 }
@@ -155,6 +166,7 @@ impl Metrics {
             ended::SHUTDOWN,
             ended::SLOW_CONSUMER,
             ended::AUTH_EXPIRY,
+            ended::AUTH_REJECTED,
         ] {
             let _ = streams_ended.get_or_create(&ReasonLabel { reason });
         }
@@ -184,6 +196,24 @@ impl Metrics {
             "Refused credentials, by reason",
             auth_failures.clone(),
         );
+        let tls_handshake_failures = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed (error) or did not finish in time (timeout)",
+            tls_handshake_failures.clone(),
+        );
+        let tls_reloads = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "tls_reloads",
+            "Certificate reloads (SIGHUP, --tls-reload-interval), by outcome",
+            tls_reloads.clone(),
+        );
+        let tls_certificate_expiry = Gauge::default();
+        registry.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "Expiry (Unix seconds) of the server certificate in service; 0 without TLS",
+            tls_certificate_expiry.clone(),
+        );
         let streams_table = Arc::new(StreamTable::default());
         let collector = HubCollector {
             hub,
@@ -202,9 +232,39 @@ impl Metrics {
             rpc_seconds,
             publish_to_send_seconds,
             auth_failures,
+            tls_handshake_failures,
+            tls_reloads,
+            tls_certificate_expiry,
             streams_table,
             next_stream_id: AtomicU64::new(1),
         }))
+    }
+
+    pub fn auth_failure(&self, reason: &'static str) {
+        self.auth_failures
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    pub fn tls_handshake_failures(&self, reason: &'static str) {
+        self.tls_handshake_failures
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// Records a certificate load: `Some(expiry)` when it went into service.
+    pub fn tls_loaded(&self, expiry_unix_seconds: Option<i64>) {
+        let outcome = if expiry_unix_seconds.is_some() {
+            "ok"
+        } else {
+            "error"
+        };
+        self.tls_reloads
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
+        if let Some(expiry) = expiry_unix_seconds {
+            self.tls_certificate_expiry.set(expiry);
+        }
     }
 
     /// The Prometheus text exposition of every metric.

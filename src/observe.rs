@@ -1,11 +1,10 @@
 //! Feeds the metrics from the transport: a tower layer that counts every RPC by method
 //! and gRPC status (from the headers of a trailers-only reply, else the trailers) with
-//! its duration and a span, and an IO wrapper that counts open connections.
-//! The server installs both; `metrics` holds what they count.
+//! its duration and a span. The server installs it; `metrics` holds what it counts
+//! (`incoming` counts the connections).
 
 use std::{
     future::Future,
-    io,
     pin::Pin,
     task::{ready, Context, Poll},
     time::Instant,
@@ -13,8 +12,6 @@ use std::{
 
 use bytes::Bytes;
 use http_body::{Body, Frame};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tonic::transport::server::Connected;
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -227,70 +224,4 @@ fn status_name(headers: &http::HeaderMap) -> Option<&'static str> {
         16 => "UNAUTHENTICATED",
         _ => "UNKNOWN",
     })
-}
-
-/// An accepted connection, counted in `tickerd_connections_active` while open.
-pub struct CountedIo<T> {
-    io: T,
-    metrics: Metrics,
-}
-
-impl<T> CountedIo<T> {
-    pub fn new(io: T, metrics: Metrics) -> CountedIo<T> {
-        metrics.connections.inc();
-        CountedIo { io, metrics }
-    }
-}
-
-impl<T> Drop for CountedIo<T> {
-    fn drop(&mut self) {
-        self.metrics.connections.dec();
-    }
-}
-
-impl<T: Connected> Connected for CountedIo<T> {
-    type ConnectInfo = T::ConnectInfo;
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.io.connect_info()
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for CountedIo<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for CountedIo<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
 }

@@ -1,27 +1,30 @@
 //! The server: builds the hub, the feed and the service from a `Config`, serves them with
-//! health and reflection under explicit HTTP/2 limits on a listener the caller bound, and
-//! drains on the caller's shutdown future. The `tickerd` binary is a thin wrapper.
+//! health and reflection under explicit HTTP/2 limits on a listener the caller bound
+//! (with TLS when configured: `incoming`, `tls`), and drains on the caller's shutdown
+//! future. The `tickerd` binary is a thin wrapper.
 
 use std::{future::Future, io, path::PathBuf, time::Duration};
 
 use tokio::{net::TcpListener, sync::oneshot};
-use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::TcpIncoming;
+use tonic::service::interceptor::InterceptedService;
 use tonic_health::ServingStatus;
 
 use crate::{
     admin,
+    auth::{jwt::JwtKeyError, Authenticator, JwtVerifier},
     config::Config,
     feed::{self, Feed, FeedKind, Replay, Simulator},
     hub::{Hub, HubConfig},
+    incoming::{Incoming, IncomingOptions},
     metrics::Metrics,
-    observe::{CountedIo, RpcMetricsLayer},
+    observe::RpcMetricsLayer,
     pb::{self, ticker_stream_service_server::TickerStreamServiceServer},
     service::{ServiceLimits, TickerService},
     session::SessionLimits,
     shutdown::Shutdown,
     symbol::{self, Symbol},
+    tls::{Tls, TlsError},
 };
 
 /// Why the server could not start or stopped serving. Each message names the input at fault.
@@ -37,6 +40,10 @@ pub enum ServerError {
     },
     #[error("cannot open replay file {path}: {source}")]
     ReplayFile { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    JwtKey(#[from] JwtKeyError),
     #[error("reflection descriptors are invalid: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("serving failed: {0}")]
@@ -51,6 +58,33 @@ pub struct Server {
     feed: Option<Feed>,
     shutdown: Shutdown,
     metrics_listener: Option<TcpListener>,
+    tls: Option<Tls>,
+}
+
+/// Re-reads the TLS files on demand (the binary calls it on SIGHUP); cheap to clone.
+#[derive(Clone)]
+pub struct TlsReloader {
+    tls: Tls,
+    metrics: Metrics,
+}
+
+impl TlsReloader {
+    /// Re-reads certificate, key and client CA; on any problem logs it and keeps the
+    /// ones in service. Returns whether the new files went into service.
+    pub fn reload(&self) -> bool {
+        match self.tls.reload() {
+            Ok(served) => {
+                self.metrics.tls_loaded(Some(served.not_after));
+                tracing::info!(subject = %served.subject, not_after = served.not_after, "TLS certificates reloaded");
+                true
+            }
+            Err(e) => {
+                self.metrics.tls_loaded(None);
+                tracing::error!(error = %e, "TLS reload refused; the previous certificates stay in service");
+                false
+            }
+        }
+    }
 }
 
 impl Server {
@@ -112,7 +146,29 @@ impl Server {
             _ => 0.0,
         };
         let metrics = Metrics::new(hub.clone(), config.metrics_per_symbol, feed_rate);
-        let service = TickerService::new(hub.clone(), limits, shutdown.clone(), metrics);
+        let tls = match config.tls() {
+            Some(files) => {
+                let (tls, served) = Tls::load(files)?;
+                metrics.tls_loaded(Some(served.not_after));
+                tracing::info!(
+                    subject = %served.subject,
+                    not_after = served.not_after,
+                    mutual = tls.mutual(),
+                    "TLS on"
+                );
+                Some(tls)
+            }
+            None => None,
+        };
+        let auth = match config.jwt() {
+            Some(settings) => {
+                let verifier = JwtVerifier::load(&settings)?;
+                tracing::info!(algorithm = ?verifier.algorithm(), "JWT bearer auth on");
+                Authenticator::jwt(verifier)
+            }
+            None => Authenticator::none(),
+        };
+        let service = TickerService::new(hub.clone(), limits, shutdown.clone(), metrics, auth);
         let metrics_listener = None;
         Ok(Server {
             config,
@@ -121,6 +177,7 @@ impl Server {
             feed,
             shutdown,
             metrics_listener,
+            tls,
         })
     }
 
@@ -138,6 +195,14 @@ impl Server {
         &self.service
     }
 
+    /// The TLS reload handle, when TLS is on.
+    pub fn tls_reloader(&self) -> Option<TlsReloader> {
+        self.tls.as_ref().map(|tls| TlsReloader {
+            tls: tls.clone(),
+            metrics: self.service.metrics().clone(),
+        })
+    }
+
     /// Serves on `listener` until `signal` resolves, then: health NOT_SERVING, open
     /// streams end with UNAVAILABLE "server shutting down", and this returns once they
     /// are gone or `--drain-timeout` has passed, whichever is first.
@@ -146,6 +211,7 @@ impl Server {
         listener: TcpListener,
         signal: impl Future<Output = ()>,
     ) -> Result<(), ServerError> {
+        let reloader = self.tls_reloader();
         let Server {
             config,
             hub,
@@ -153,6 +219,7 @@ impl Server {
             feed,
             shutdown,
             metrics_listener,
+            tls,
         } = self;
         let metrics = service.metrics().clone();
         let admin_stop = CancellationToken::new();
@@ -178,6 +245,8 @@ impl Server {
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
+        let reflection_v1 = InterceptedService::new(reflection_v1, service.guard());
+        let reflection_v1alpha = InterceptedService::new(reflection_v1alpha, service.guard());
         let ticker = TickerStreamServiceServer::new(service.clone())
             .max_decoding_message_size(config.max_decoding_message_size)
             .max_encoding_message_size(config.max_encoding_message_size);
@@ -187,11 +256,14 @@ impl Server {
             prune_idle_channels(hub.clone(), config.prune_interval, shutdown.token().clone());
         tokio::spawn(prune);
 
-        let counted = metrics.clone();
-        let incoming = TcpIncoming::from(listener)
-            .with_nodelay(Some(true))
-            .with_keepalive(Some(config.tcp_keepalive))
-            .map(move |accepted| accepted.map(|io| CountedIo::new(io, counted.clone())));
+        if let (Some(reloader), Some(every)) = (reloader, config.tls_reload_interval) {
+            tokio::spawn(reload_every(reloader, every, shutdown.token().clone()));
+        }
+        let options = IncomingOptions {
+            tcp_keepalive: config.tcp_keepalive,
+            tls: tls.map(|tls| (tls, config.tls_handshake_timeout)),
+        };
+        let incoming = Incoming::new(listener, options, metrics.clone());
         let (stop_accepting, stopped) = oneshot::channel::<()>();
         let mut builder = tonic::transport::Server::builder();
         if let Some(age) = config.max_connection_age {
@@ -257,6 +329,19 @@ impl Server {
         }
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+async fn reload_every(reloader: TlsReloader, every: Duration, shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval(every.max(Duration::from_secs(1)));
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {
+                reloader.reload();
+            }
+        }
     }
 }
 

@@ -1,20 +1,24 @@
 //! The `ticker.v1.TickerStreamService` implementation: the only place that speaks
-//! `tonic::Status`. It validates requests, admits streams under the server-wide cap and
-//! hands them to sessions (streams) or the hub (Publish, GetQuotes). The server mounts it.
+//! `tonic::Status`. It authenticates every call (`auth`), validates requests, checks
+//! entitlements, admits streams under the server-wide cap and hands them to sessions
+//! (streams) or the hub (Publish, GetQuotes). The server mounts it, and puts
+//! reflection behind the same `AuthGuard`.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::SystemTime};
 
 use tokio::sync::Semaphore;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{service::Interceptor, Request, Response, Status, Streaming};
 
 use crate::{
+    auth::{Authenticator, Principal},
     hub::Hub,
+    incoming::PeerInfo,
     metrics::{ended, Metrics, StreamTicket},
     pb::{
         ticker_response::Kind, ticker_stream_service_server::TickerStreamService, GetQuotesRequest,
         GetQuotesResponse, PublishRequest, PublishResponse, SubscribeRequest, TickerRequest,
     },
-    session::{Session, SessionLimits},
+    session::{Caller, Session, SessionLimits},
     shutdown::Shutdown,
     symbol,
 };
@@ -38,7 +42,12 @@ pub struct TickerService {
     streams: Arc<Semaphore>,
     shutdown: Shutdown,
     metrics: Metrics,
+    auth: Authenticator,
 }
+
+/// What every caller is told when its credentials are refused; the reason goes to the
+/// log and `tickerd_auth_failures_total`, never to a prober.
+const UNAUTHENTICATED: &str = "missing or invalid credentials";
 
 impl TickerService {
     /// `shutdown` ends every open stream with UNAVAILABLE when cancelled.
@@ -47,6 +56,7 @@ impl TickerService {
         limits: ServiceLimits,
         shutdown: Shutdown,
         metrics: Metrics,
+        auth: Authenticator,
     ) -> TickerService {
         let streams = Arc::new(Semaphore::new(limits.max_streams));
         TickerService {
@@ -55,7 +65,22 @@ impl TickerService {
             streams,
             shutdown,
             metrics,
+            auth,
         }
+    }
+
+    /// An interceptor that lets through only callers this service would accept (for
+    /// reflection: it describes the API to the same callers that may use it).
+    pub fn guard(&self) -> AuthGuard {
+        AuthGuard {
+            auth: self.auth.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+
+    /// The caller of `request`, or UNAUTHENTICATED.
+    fn caller<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
+        authenticate(&self.auth, &self.metrics, request)
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -68,7 +93,12 @@ impl TickerService {
     }
 
     /// A ticket for a new stream of `rpc`, or why there is none.
-    fn admit<T>(&self, rpc: &'static str, request: &Request<T>) -> Result<StreamTicket, Status> {
+    fn admit<T>(
+        &self,
+        rpc: &'static str,
+        request: &Request<T>,
+        principal: &Principal,
+    ) -> Result<StreamTicket, Status> {
         if self.shutdown.is_triggered() {
             return Err(Status::unavailable("server shutting down"));
         }
@@ -78,23 +108,38 @@ impl TickerService {
                 self.limits.max_streams
             ))
         })?;
-        let peer = request
-            .remote_addr()
-            .map_or_else(|| "unknown".to_string(), |a| a.to_string());
-        // Until authentication exists every caller is anonymous.
+        let peer = peer_addr(request);
         Ok(self
             .metrics
-            .ticket(rpc, peer, "anonymous".to_string(), permit))
+            .ticket(rpc, peer, principal.name.clone(), permit))
     }
 
-    fn session(&self, ticket: StreamTicket, requests: Option<Streaming<TickerRequest>>) -> Session {
+    fn session(
+        &self,
+        ticket: StreamTicket,
+        requests: Option<Streaming<TickerRequest>>,
+        principal: Principal,
+    ) -> Session {
+        let caller = Caller {
+            principal,
+            auth: self.auth.clone(),
+        };
         Session::new(
             self.hub.clone(),
             self.limits.session,
             requests,
             self.shutdown.clone(),
             ticket,
+            caller,
         )
+    }
+
+    /// PERMISSION_DENIED for the first of `symbols` the caller may not see.
+    fn check_entitled(principal: &Principal, symbols: &[String]) -> Result<(), Status> {
+        match symbols.iter().find(|s| !principal.entitled(s)) {
+            Some(s) => Err(Status::permission_denied(format!("not entitled to {s}"))),
+            None => Ok(()),
+        }
     }
 
     /// Checks a symbol list shared by Subscribe and GetQuotes.
@@ -124,25 +169,30 @@ impl TickerStreamService for TickerService {
         &self,
         request: Request<Streaming<TickerRequest>>,
     ) -> Result<Response<Session>, Status> {
-        let ticket = self.admit("TickerStream", &request)?;
-        Ok(Response::new(
-            self.session(ticket, Some(request.into_inner())),
-        ))
+        let principal = self.caller(&request)?;
+        let ticket = self.admit("TickerStream", &request, &principal)?;
+        Ok(Response::new(self.session(
+            ticket,
+            Some(request.into_inner()),
+            principal,
+        )))
     }
 
     async fn subscribe(
         &self,
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Session>, Status> {
+        let principal = self.caller(&request)?;
         let symbols = &request.get_ref().symbols;
         Self::check_symbols(symbols, self.limits.session.max_subscriptions)?;
+        Self::check_entitled(&principal, symbols)?;
         if !self.hub.config().allow_unknown_symbols {
             if let Some(unknown) = symbols.iter().find(|s| !self.hub.is_known(s)) {
                 return Err(Status::not_found(format!("unknown symbol {unknown:?}")));
             }
         }
-        let ticket = self.admit("Subscribe", &request)?;
-        let mut session = self.session(ticket, None);
+        let ticket = self.admit("Subscribe", &request, &principal)?;
+        let mut session = self.session(ticket, None, principal);
         for s in &request.into_inner().symbols {
             session.subscribe(s);
         }
@@ -153,9 +203,17 @@ impl TickerStreamService for TickerService {
         &self,
         request: Request<Streaming<PublishRequest>>,
     ) -> Result<Response<PublishResponse>, Status> {
-        let mut ticket = self.admit("Publish", &request)?;
+        let principal = self.caller(&request)?;
+        if !principal.can_publish {
+            return Err(Status::permission_denied(
+                "publishing needs the `publish` scope in the token",
+            ));
+        }
+        let mut ticket = self.admit("Publish", &request, &principal)?;
         let mut requests = request.into_inner();
         let mut counts = PublishResponse::default();
+        let expiry = expiry_of(&principal);
+        tokio::pin!(expiry);
         loop {
             let next = tokio::select! {
                 biased;
@@ -166,9 +224,20 @@ impl TickerStreamService for TickerService {
                         counts.accepted, counts.rejected
                     )));
                 }
+                _ = &mut expiry => {
+                    ticket.reason = ended::AUTH_EXPIRY;
+                    return Err(Status::unauthenticated(format!(
+                        "token expired ({} accepted, {} rejected before it)",
+                        counts.accepted, counts.rejected
+                    )));
+                }
                 next = requests.message() => next,
             };
             match next {
+                Ok(Some(tick)) if !principal.entitled(&tick.symbol) => {
+                    tracing::debug!(symbol = %tick.symbol, "publish rejected: not entitled");
+                    counts.rejected += 1;
+                }
                 Ok(Some(tick)) => {
                     match self
                         .hub
@@ -203,13 +272,68 @@ impl TickerStreamService for TickerService {
         &self,
         request: Request<GetQuotesRequest>,
     ) -> Result<Response<GetQuotesResponse>, Status> {
+        let principal = self.caller(&request)?;
         let symbols = request.into_inner().symbols;
         Self::check_symbols(&symbols, MAX_QUOTE_SYMBOLS)?;
+        Self::check_entitled(&principal, &symbols)?;
         let quotes = symbols
             .iter()
             .filter_map(|s| self.hub.last(s))
             .map(|tick| tick.to_response(Kind::Snapshot))
             .collect();
         Ok(Response::new(GetQuotesResponse { quotes }))
+    }
+}
+
+/// Resolves when the principal's credentials expire; never for ones that do not.
+async fn expiry_of(principal: &Principal) {
+    match principal.expires {
+        Some(at) => {
+            let left = at
+                .duration_since(SystemTime::now())
+                .unwrap_or(std::time::Duration::ZERO);
+            tokio::time::sleep(left).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+fn peer_addr<T>(request: &Request<T>) -> String {
+    request
+        .extensions()
+        .get::<PeerInfo>()
+        .and_then(|p| p.addr)
+        .map_or_else(|| "unknown".to_string(), |a| a.to_string())
+}
+
+fn authenticate<T>(
+    auth: &Authenticator,
+    metrics: &Metrics,
+    request: &Request<T>,
+) -> Result<Principal, Status> {
+    let peer = request.extensions().get::<PeerInfo>();
+    auth.authenticate(request.metadata(), peer).map_err(|e| {
+        metrics.auth_failure(e.reason());
+        tracing::warn!(
+            peer = %peer_addr(request),
+            reason = e.reason(),
+            error = %e,
+            "credentials refused"
+        );
+        Status::unauthenticated(UNAUTHENTICATED)
+    })
+}
+
+/// Lets through only authenticated callers; see `TickerService::guard`.
+#[derive(Clone)]
+pub struct AuthGuard {
+    auth: Authenticator,
+    metrics: Metrics,
+}
+
+impl Interceptor for AuthGuard {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        authenticate(&self.auth, &self.metrics, &request)?;
+        Ok(request)
     }
 }

@@ -14,14 +14,17 @@ use std::{
     pin::Pin,
     sync::{atomic::Ordering, Arc},
     task::{Context, Poll},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use async_broadcast::{Receiver, RecvError};
 use futures_core::Stream;
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tonic::{Status, Streaming};
 
 use crate::{
+    auth::{Authenticator, Principal},
     clock,
     codec::Outbound,
     hub::{Hub, SubscribeError, Tick},
@@ -41,6 +44,15 @@ pub struct SessionLimits {
     pub max_subscriptions: usize,
 }
 
+/// The caller of a stream, and how to check the tokens it sends in-band.
+pub struct Caller {
+    pub principal: Principal,
+    pub auth: Authenticator,
+}
+
+/// Why a stream ends early: the `streams_ended_total` reason and the status sent.
+type Ending = (&'static str, Status);
+
 /// One client response stream. See the module docs.
 pub struct Session {
     hub: Hub,
@@ -58,6 +70,11 @@ pub struct Session {
     /// it would unregister the task); later polls only read the lock-free flag.
     shutdown_wake: Pin<Box<WaitForCancellationFutureOwned>>,
     shutdown_armed: bool,
+    caller: Caller,
+    /// Fires when the caller's credentials expire; armed (polled once, like
+    /// `shutdown_wake`) so the timer wakes this task, then read with `is_elapsed`.
+    expiry: Option<Pin<Box<Sleep>>>,
+    expiry_armed: bool,
     finished: bool,
     /// Counts since the last fold into this stream's `StreamInfo` (once per batch).
     local: LocalCounts,
@@ -95,6 +112,7 @@ impl Session {
         requests: Option<Streaming<TickerRequest>>,
         shutdown: Shutdown,
         ticket: StreamTicket,
+        caller: Caller,
     ) -> Session {
         let span = tracing::info_span!(
             "stream",
@@ -104,6 +122,10 @@ impl Session {
             principal = %ticket.info.principal
         );
         let shutdown_wake = Box::pin(shutdown.token().clone().cancelled_owned());
+        let expiry = caller
+            .principal
+            .expires
+            .map(|at| Box::pin(tokio::time::sleep_until(instant_of(at))));
         Session {
             hub,
             limits,
@@ -115,6 +137,9 @@ impl Session {
             shutdown,
             shutdown_wake,
             shutdown_armed: false,
+            caller,
+            expiry,
+            expiry_armed: false,
             finished: false,
             local: LocalCounts::default(),
             next_sample: 0,
@@ -123,8 +148,14 @@ impl Session {
         }
     }
 
-    /// Applies one client request, queueing its reply.
-    pub fn apply(&mut self, request: TickerRequest) {
+    /// Applies one client request, queueing its reply; `Err` ends the stream.
+    fn apply(&mut self, request: TickerRequest) -> Result<(), Ending> {
+        if !request.token.is_empty() {
+            self.refresh(&request.token)?;
+            if request.symbol.is_empty() && request.action == 0 {
+                return Ok(());
+            }
+        }
         match Action::try_from(request.action) {
             Ok(Action::Unspecified | Action::Subscribe) => self.subscribe(&request.symbol),
             Ok(Action::Unsubscribe) => self.unsubscribe(&request.symbol),
@@ -136,12 +167,67 @@ impl Session {
                 ),
             ),
         }
+        Ok(())
+    }
+
+    /// Swaps in the caller of a fresh in-band token: new expiry and entitlements
+    /// (subscriptions it no longer covers end). A refused token ends the stream.
+    fn refresh(&mut self, token: &str) -> Result<(), Ending> {
+        if !self.caller.auth.requires_token() {
+            self.reject(
+                "",
+                "this server does not use tokens; refresh ignored".into(),
+            );
+            return Ok(());
+        }
+        let principal = match self.caller.auth.refresh(&self.caller.principal, token) {
+            Ok(principal) => principal,
+            Err(e) => {
+                self.ticket.metrics.auth_failure(e.reason());
+                tracing::warn!(parent: &self.span, reason = e.reason(), error = %e, "in-band token refused");
+                let status = Status::unauthenticated(
+                    "token refresh refused: missing or invalid credentials",
+                );
+                return Err((ended::AUTH_REJECTED, status));
+            }
+        };
+        let until = principal.expires;
+        if let (Some(expiry), Some(at)) = (self.expiry.as_mut(), until) {
+            expiry.as_mut().reset(instant_of(at));
+            self.expiry_armed = false;
+        }
+        self.caller.principal = principal;
+        let revoked: Vec<Symbol> = self
+            .subs
+            .iter()
+            .filter(|s| !self.caller.principal.entitled(&s.symbol))
+            .map(|s| s.symbol.clone())
+            .collect();
+        for symbol in revoked {
+            self.unsubscribe(&symbol);
+            if let Some(ack) = self.control.back_mut() {
+                ack.detail = "not entitled under the refreshed token".into();
+            }
+        }
+        let detail = match until.and_then(|t| t.duration_since(UNIX_EPOCH).ok()) {
+            Some(d) => format!(
+                "token accepted; valid until {}",
+                clock::rfc3339_nanos(d.as_nanos() as i64)
+            ),
+            None => "token accepted".into(),
+        };
+        tracing::debug!(parent: &self.span, "token refreshed in-band");
+        self.push(control(Kind::TokenRefreshed, "", &detail));
+        Ok(())
     }
 
     /// Subscribes to `symbol`: queues KIND_SUBSCRIBED then the snapshot, or KIND_REJECTED.
     pub fn subscribe(&mut self, symbol: &str) {
         if let Err(e) = symbol::validate(symbol) {
             return self.reject(symbol, e.to_string());
+        }
+        if !self.caller.principal.entitled(symbol) {
+            return self.reject(symbol, format!("not entitled to {symbol}"));
         }
         if self.subs.iter().any(|s| &*s.symbol == symbol) {
             return self.push(control(Kind::Subscribed, symbol, "already subscribed"));
@@ -217,14 +303,14 @@ impl Session {
     }
 
     /// Reads requests while the reply queue has room. `Err` ends the stream.
-    fn poll_requests(&mut self, cx: &mut Context<'_>) -> Result<(), Status> {
+    fn poll_requests(&mut self, cx: &mut Context<'_>) -> Result<(), Ending> {
         while self.control.len() < CONTROL_QUEUE_LIMIT {
             let Some(requests) = self.requests.as_mut() else {
                 return Ok(());
             };
             match Pin::new(requests).poll_next(cx) {
-                Poll::Ready(Some(Ok(request))) => self.apply(request),
-                Poll::Ready(Some(Err(status))) => return Err(status),
+                Poll::Ready(Some(Ok(request))) => self.apply(request)?,
+                Poll::Ready(Some(Err(status))) => return Err((ended::CLIENT_ERROR, status)),
                 // Half-close: the client sends no more, but ticks keep flowing.
                 Poll::Ready(None) => self.requests = None,
                 Poll::Pending => return Ok(()),
@@ -345,11 +431,21 @@ impl Stream for Session {
             this.finish(ended::SHUTDOWN);
             return Poll::Ready(Some(Err(Status::unavailable("server shutting down"))));
         }
+        if let Some(expiry) = this.expiry.as_mut() {
+            if !this.expiry_armed {
+                let _ = expiry.as_mut().poll(cx);
+                this.expiry_armed = true;
+            }
+            if expiry.is_elapsed() {
+                this.finish(ended::AUTH_EXPIRY);
+                return Poll::Ready(Some(Err(Status::unauthenticated("token expired"))));
+            }
+        }
         if let Some(tick) = this.held.take() {
             return Poll::Ready(Some(Ok(this.deliver(tick))));
         }
-        if let Err(status) = this.poll_requests(cx) {
-            this.finish(ended::CLIENT_ERROR);
+        if let Err((reason, status)) = this.poll_requests(cx) {
+            this.finish(reason);
             return Poll::Ready(Some(Err(status)));
         }
         if let Some(msg) = this.control.pop_front() {
@@ -357,6 +453,13 @@ impl Stream for Session {
         }
         this.poll_ticks(cx).map(|out| Some(Ok(out)))
     }
+}
+
+/// The tokio instant of a wall-clock time (now, if it has passed).
+fn instant_of(at: SystemTime) -> Instant {
+    Instant::now()
+        + at.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO)
 }
 
 fn control(kind: Kind, symbol: &str, detail: &str) -> TickerResponse {
@@ -394,11 +497,25 @@ mod tests {
         metrics.ticket("TickerStream", "test".into(), "anonymous".into(), permit)
     }
 
+    fn anonymous() -> Caller {
+        Caller {
+            principal: Principal::anonymous(),
+            auth: Authenticator::none(),
+        }
+    }
+
     fn session(hub: &Hub) -> Session {
         let limits = SessionLimits {
             max_subscriptions: 10,
         };
-        Session::new(hub.clone(), limits, None, Shutdown::new(), ticket(hub))
+        Session::new(
+            hub.clone(),
+            limits,
+            None,
+            Shutdown::new(),
+            ticket(hub),
+            anonymous(),
+        )
     }
 
     /// Everything the session yields before it would wait.
@@ -494,7 +611,7 @@ mod tests {
         let limits = SessionLimits {
             max_subscriptions: 1,
         };
-        let mut s = Session::new(hub, limits, None, shutdown.clone(), ticket);
+        let mut s = Session::new(hub, limits, None, shutdown.clone(), ticket, anonymous());
         let mut cx = Context::from_waker(noop_waker_ref());
         assert!(Pin::new(&mut s).poll_next(&mut cx).is_pending());
         shutdown.trigger();

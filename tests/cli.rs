@@ -2,7 +2,8 @@
 
 mod common;
 
-use common::{publish, ticks, Stream, TestServer, TickerCli};
+use common::{publish, ticks, token, Keys, Stream, TestServer, TickerCli};
+use std::time::Duration;
 use tickerd::{client::Kind, pb::PublishRequest};
 
 #[tokio::test]
@@ -211,62 +212,38 @@ async fn subscribe_reconnects_after_a_restart_and_reports_the_gap() {
     cli.out_line("seq 8").await;
 }
 
-/// The real service behind a token check (tickerd's own JWT auth is a separate issue;
-/// this stands in for any server that answers UNAUTHENTICATED).
-async fn server_requiring_token(token: &'static str) -> (String, tickerd::hub::Hub) {
-    use tickerd::{
-        hub::{Hub, HubConfig},
-        metrics::Metrics,
-        pb::ticker_stream_service_server::TickerStreamServiceServer,
-        service::{ServiceLimits, TickerService},
-        session::SessionLimits,
-        shutdown::Shutdown,
-    };
-    let hub = Hub::new(HubConfig::default());
-    let limits = ServiceLimits {
-        session: SessionLimits {
-            max_subscriptions: 10,
-        },
-        max_streams: 10,
-    };
-    let metrics = Metrics::new(hub.clone(), false, 0.0);
-    let service = TickerService::new(hub.clone(), limits, Shutdown::new(), metrics);
-    let check = move |req: tonic::Request<()>| match req.metadata().get("authorization") {
-        Some(v) if v == format!("Bearer {token}").as_str() => Ok(req),
-        _ => Err(tonic::Status::unauthenticated("invalid token")),
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TickerStreamServiceServer::with_interceptor(service, check))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-    );
-    (url, hub)
-}
-
 #[tokio::test]
-async fn a_bad_token_exits_4_without_retrying() {
-    let (url, hub) = server_requiring_token("good").await;
-    hub.publish("TOK", 1.0, 0).unwrap();
+async fn a_bad_token_exits_4_without_retrying_and_a_good_one_works() {
+    let keys = Keys::new();
+    let server = TestServer::with(|c| keys.jwt(c)).await;
+    server.hub.publish("TOK", 1.0, 0).unwrap();
+    let url = server.url();
     let (code, _, err) = TickerCli::spawn(&url, &["--token", "bad", "subscribe", "TOK"])
         .finish()
         .await;
     assert_eq!(code, 4, "{err}");
     assert!(
-        err.contains("not authenticated: invalid token") && !err.contains("reconnecting"),
+        err.contains("not authenticated: missing or invalid credentials")
+            && !err.contains("reconnecting"),
         "{err}"
     );
     let (code, _, err) = TickerCli::spawn_env(&url, &["quote", "TOK"], &[("TICKER_TOKEN", "bad")])
         .finish()
         .await;
     assert_eq!(code, 4, "{err}");
+    let good = token("alice", "TOK", None, Duration::from_secs(60));
     let (code, out, err) =
-        TickerCli::spawn_env(&url, &["quote", "TOK"], &[("TICKER_TOKEN", "good")])
+        TickerCli::spawn_env(&url, &["quote", "TOK"], &[("TICKER_TOKEN", &good)])
             .finish()
             .await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("TOK"), "{out}");
+    let (code, _, err) =
+        TickerCli::spawn_env(&url, &["quote", "OTHER"], &[("TICKER_TOKEN", &good)])
+            .finish()
+            .await;
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("not entitled to OTHER"), "{err}");
 }
 
 #[tokio::test]

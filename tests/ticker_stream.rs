@@ -177,6 +177,7 @@ async fn bad_requests_are_rejected_in_band_and_the_stream_stays_usable() {
         .send(TickerRequest {
             symbol: "A".into(),
             action: 9,
+            ..TickerRequest::default()
         })
         .await;
     let r = stream.expect(Kind::Rejected, "A").await;
@@ -187,6 +188,7 @@ async fn bad_requests_are_rejected_in_band_and_the_stream_stays_usable() {
         .send(TickerRequest {
             symbol: "A".into(),
             action: 0,
+            ..TickerRequest::default()
         })
         .await;
     stream.expect(Kind::Subscribed, "A").await;

@@ -1,5 +1,5 @@
 //! `tickerd`: parses the configuration, binds the listener and runs the server until
-//! SIGINT or SIGTERM. Everything else lives in the library.
+//! SIGINT or SIGTERM, reloading TLS files on SIGHUP. Everything else lives in the library.
 
 use std::process::ExitCode;
 
@@ -10,6 +10,10 @@ use tickerd::{config::Config, server::Server, telemetry};
 async fn main() -> ExitCode {
     let config = Config::parse();
     let _telemetry = telemetry::init(config.log_format);
+    if let Err(e) = config.check_exposure() {
+        tracing::error!("cannot start: {e}");
+        return ExitCode::FAILURE;
+    }
     let (listen, metrics_listen) = (config.listen, config.metrics_listen);
     let mut server = match Server::new(config) {
         Ok(server) => server,
@@ -40,6 +44,9 @@ async fn main() -> ExitCode {
             }
         }
     }
+    if let Some(reloader) = server.tls_reloader() {
+        tokio::spawn(reload_on_sighup(reloader));
+    }
     let addr = listener
         .local_addr()
         .map_or_else(|_| listen.to_string(), |a| a.to_string());
@@ -51,6 +58,27 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Re-reads the TLS files on every SIGHUP.
+async fn reload_on_sighup(reloader: tickerd::server::TlsReloader) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(hup) => hup,
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGHUP ({e}); TLS reload on signal is off");
+                return;
+            }
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP received: reloading TLS files");
+            reloader.reload();
+        }
+    }
+    #[cfg(not(unix))]
+    drop(reloader);
 }
 
 /// Resolves on SIGINT or SIGTERM (Ctrl-C elsewhere).

@@ -297,6 +297,8 @@ impl Live {
                 symbol,
                 dropped: msg.dropped,
             },
+            // Only answers an in-band token refresh, which this client does not send.
+            Kind::TokenRefreshed => return Ok(()),
         };
         self.emit(event).await
     }

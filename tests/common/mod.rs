@@ -7,13 +7,16 @@ use std::{
     future::Future,
     io::{BufRead, BufReader},
     net::SocketAddr,
+    path::PathBuf,
     process::{Child, Command, Stdio},
     time::Duration,
 };
 
 use tickerd::{
+    auth::MintClaims,
     client::{self, Client, Kind},
     config::Config,
+    devcerts::{DevCa, Pem, Validity, LOCAL_NAMES},
     hub::Hub,
     pb::{PublishRequest, PublishResponse, TickerRequest, TickerResponse},
     server::Server,
@@ -29,6 +32,8 @@ pub const DEADLINE: Duration = Duration::from_secs(10);
 /// A server running in this process.
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// `https` when the config turned TLS on.
+    pub scheme: &'static str,
     /// The operations endpoint (/metrics, /healthz, /streams).
     pub metrics_addr: SocketAddr,
     pub hub: Hub,
@@ -53,8 +58,15 @@ impl TestServer {
     pub async fn with(adjust: impl FnOnce(&mut Config)) -> TestServer {
         let mut config = test_config();
         adjust(&mut config);
+        let scheme = if config.tls_cert.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let server = Server::new(config).expect("server config");
-        Self::serve(server, "127.0.0.1:0".parse().unwrap()).await
+        let mut server = Self::serve(server, "127.0.0.1:0".parse().unwrap()).await;
+        server.scheme = scheme;
+        server
     }
 
     /// A new server on `addr` (a port a stopped server used) around `hub`.
@@ -78,6 +90,7 @@ impl TestServer {
         }));
         TestServer {
             addr,
+            scheme: "http",
             metrics_addr,
             hub,
             service,
@@ -87,7 +100,7 @@ impl TestServer {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// GET `path` on the operations endpoint: (status, body).
@@ -147,15 +160,18 @@ pub struct Stream {
 
 impl Stream {
     pub async fn open(client: &mut Client) -> Stream {
+        Self::try_open(client, None).await.expect("open stream")
+    }
+
+    /// Opens a stream, with `token` as its bearer token if given.
+    pub async fn try_open(client: &mut Client, token: Option<&str>) -> Result<Stream, Status> {
         let (tx, rx) = mpsc::channel(64);
-        let response = client
-            .ticker_stream(ReceiverStream::new(rx))
-            .await
-            .expect("open stream");
-        Stream {
+        let request = bearer(ReceiverStream::new(rx), token);
+        let response = within(client.ticker_stream(request)).await?;
+        Ok(Stream {
             tx: Some(tx),
             rx: response.into_inner(),
-        }
+        })
     }
 
     pub async fn send(&self, request: TickerRequest) {
@@ -267,6 +283,120 @@ pub fn ticks(symbol: &str, n: usize) -> Vec<PublishRequest> {
     (1..=n)
         .map(|i| PublishRequest::new(symbol, i as f64))
         .collect()
+}
+
+/// `message` with `authorization: Bearer <token>` when a token is given.
+pub fn bearer<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(token) = token {
+        let value = format!("Bearer {token}").parse().expect("ascii token");
+        request.metadata_mut().insert("authorization", value);
+    }
+    request
+}
+
+/// The HS256 secret the tests' servers and tokens share.
+pub const SECRET: &[u8] = b"tickerd-tests-secret-0123456789abcdef";
+
+/// Files a secured test server reads: the JWT secret, and a fresh development PKI
+/// (CA, server certificate for localhost, client CA), all in a temporary directory.
+pub struct Keys {
+    pub dir: tempfile::TempDir,
+    pub ca: DevCa,
+}
+
+impl Keys {
+    pub fn new() -> Keys {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("secret"), SECRET).expect("write secret");
+        let ca = DevCa::new("tickerd test CA", Validity::days(1)).expect("CA");
+        let keys = Keys { dir, ca };
+        keys.write("ca.pem", &keys.ca.pem().cert);
+        let server = keys
+            .ca
+            .server(&LOCAL_NAMES, Validity::days(1))
+            .expect("server cert");
+        keys.write("server.pem", &server.cert);
+        keys.write("server.key", &server.key);
+        keys
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.path(name);
+        std::fs::write(&path, contents).expect("write key file");
+        path
+    }
+
+    /// Turns on JWT auth with the shared secret.
+    pub fn jwt(&self, config: &mut Config) {
+        config.jwt_secret_file = Some(self.path("secret"));
+    }
+
+    /// Turns on TLS with the server certificate (and mTLS against this CA if asked).
+    pub fn tls(&self, config: &mut Config, mutual: bool) {
+        config.tls_cert = Some(self.path("server.pem"));
+        config.tls_key = Some(self.path("server.key"));
+        if mutual {
+            config.tls_client_ca = Some(self.path("ca.pem"));
+        }
+    }
+
+    /// A client TLS config trusting this CA, presenting `identity` if given.
+    pub fn client_tls(&self, identity: Option<&Pem>) -> tonic::transport::ClientTlsConfig {
+        let mut tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca.pem().cert))
+            .domain_name("localhost");
+        if let Some(id) = identity {
+            tls = tls.identity(tonic::transport::Identity::from_pem(&id.cert, &id.key));
+        }
+        tls
+    }
+}
+
+/// A token signed with `SECRET` for `sub`, entitled to `symbols`, valid for `ttl`.
+pub fn token(sub: &str, symbols: &str, scope: Option<&str>, ttl: Duration) -> String {
+    let claims = MintClaims {
+        sub: sub.into(),
+        symbols: symbols.split_whitespace().map(String::from).collect(),
+        scope: scope.map(String::from),
+        ttl,
+        issuer: None,
+        audience: None,
+    };
+    tickerd::auth::mint(SECRET, &claims).expect("mint")
+}
+
+/// A token with arbitrary claims and header, signed with `SECRET` (HS256 unless the
+/// header says otherwise; an `alg` of `none` leaves the signature empty).
+pub fn raw_token(header: serde_json::Value, claims: serde_json::Value) -> String {
+    use base64::Engine as _;
+    let b64 = |v: &serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let signing_input = format!("{}.{}", b64(&header), b64(&claims));
+    if header["alg"] == "none" {
+        return format!("{signing_input}.");
+    }
+    let key = jsonwebtoken::EncodingKey::from_secret(SECRET);
+    let signature = jsonwebtoken::crypto::sign(
+        signing_input.as_bytes(),
+        &key,
+        jsonwebtoken::Algorithm::HS256,
+    )
+    .expect("sign");
+    format!("{signing_input}.{signature}")
+}
+
+/// Now, in Unix seconds.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
 }
 
 /// The real `tickerd` binary on 127.0.0.1:0, its address read from its log.

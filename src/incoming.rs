@@ -1,0 +1,258 @@
+//! The server's accepted connections: TCP options, the TLS handshake under a time
+//! bound (a client that connects and sends nothing is dropped, and never holds up
+//! other handshakes), the peer's address and client-certificate subject for the
+//! service, and the open-connection count. `server` hands this stream to tonic; `tls`
+//! supplies the current certificates.
+
+use std::{
+    future::Future,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use futures_core::Stream;
+use futures_util::stream::{FuturesUnordered, StreamExt as _};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    time::{Sleep, Timeout},
+};
+use tokio_rustls::{server::TlsStream, Accept};
+use tonic::transport::server::Connected;
+
+use crate::{metrics::Metrics, tls::Tls};
+
+/// Who is at the other end of a connection; tonic puts it in every request's extensions.
+#[derive(Debug, Clone, Default)]
+pub struct PeerInfo {
+    pub addr: Option<SocketAddr>,
+    /// Subject of the verified client certificate (mTLS), e.g. `CN=alice`.
+    pub client_subject: Option<Arc<str>>,
+}
+
+/// TCP and TLS options of accepted connections.
+#[derive(Clone)]
+pub struct IncomingOptions {
+    pub tcp_keepalive: Duration,
+    /// With `Some`, every connection must complete a TLS handshake within the bound.
+    pub tls: Option<(Tls, Duration)>,
+}
+
+/// The accepted connections, ready for HTTP/2. Dropping it closes the listener.
+pub struct Incoming {
+    listener: TcpListener,
+    options: IncomingOptions,
+    metrics: Metrics,
+    handshakes: FuturesUnordered<Handshake>,
+    /// After an accept error (out of file descriptors, say), wait before trying again
+    /// rather than spin.
+    pause: Option<Pin<Box<Sleep>>>,
+}
+
+impl Incoming {
+    pub fn new(listener: TcpListener, options: IncomingOptions, metrics: Metrics) -> Incoming {
+        Incoming {
+            listener,
+            options,
+            metrics,
+            handshakes: FuturesUnordered::new(),
+            pause: None,
+        }
+    }
+
+    fn configure(&self, tcp: &TcpStream) {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        let keepalive = socket2::TcpKeepalive::new().with_time(self.options.tcp_keepalive);
+        if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive) {
+            tracing::debug!(error = %e, "cannot set TCP keepalive");
+        }
+    }
+}
+
+impl Stream for Incoming {
+    type Item = io::Result<ServerIo>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(pause) = this.pause.as_mut() {
+                if pause.as_mut().poll(cx).is_pending() {
+                    break;
+                }
+                this.pause = None;
+            }
+            match this.listener.poll_accept(cx) {
+                Poll::Ready(Ok((tcp, addr))) => {
+                    this.configure(&tcp);
+                    match &this.options.tls {
+                        None => {
+                            let peer = PeerInfo {
+                                addr: Some(addr),
+                                client_subject: None,
+                            };
+                            let io = ServerIo::new(Transport::Plain(tcp), peer, &this.metrics);
+                            return Poll::Ready(Some(Ok(io)));
+                        }
+                        Some((tls, bound)) => this.handshakes.push(Handshake {
+                            addr,
+                            accept: tokio::time::timeout(*bound, tls.acceptor().accept(tcp)),
+                        }),
+                    }
+                }
+                Poll::Ready(Err(e)) => {
+                    tracing::warn!(error = %e, "accept failed; pausing accepts for 100ms");
+                    this.pause = Some(Box::pin(tokio::time::sleep(Duration::from_millis(100))));
+                }
+                Poll::Pending => break,
+            }
+        }
+        while let Poll::Ready(Some((addr, outcome))) = this.handshakes.poll_next_unpin(cx) {
+            match outcome {
+                Ok(Ok(stream)) => {
+                    let client_subject = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|certs| certs.first())
+                        .and_then(crate::tls::client_subject)
+                        .map(Arc::from);
+                    let peer = PeerInfo {
+                        addr: Some(addr),
+                        client_subject,
+                    };
+                    let io = ServerIo::new(Transport::Tls(Box::new(stream)), peer, &this.metrics);
+                    return Poll::Ready(Some(Ok(io)));
+                }
+                Ok(Err(e)) => {
+                    this.metrics.tls_handshake_failures("error");
+                    tracing::debug!(peer = %addr, error = %e, "TLS handshake failed");
+                }
+                Err(_) => {
+                    this.metrics.tls_handshake_failures("timeout");
+                    tracing::debug!(peer = %addr, "TLS handshake timed out; connection dropped");
+                }
+            }
+        }
+        Poll::Pending
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// One TLS handshake under its time bound, remembering the peer for the log.
+    struct Handshake {
+        addr: SocketAddr,
+        #[pin]
+        accept: Timeout<Accept<TcpStream>>,
+    }
+}
+
+type HandshakeOutcome = Result<io::Result<TlsStream<TcpStream>>, tokio::time::error::Elapsed>;
+
+impl Future for Handshake {
+    type Output = (SocketAddr, HandshakeOutcome);
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        this.accept.poll(cx).map(|outcome| (*this.addr, outcome))
+    }
+}
+
+enum Transport {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// An accepted connection, counted in `tickerd_connections_active` while open.
+pub struct ServerIo {
+    transport: Transport,
+    peer: PeerInfo,
+    metrics: Metrics,
+}
+
+impl ServerIo {
+    fn new(transport: Transport, peer: PeerInfo, metrics: &Metrics) -> ServerIo {
+        metrics.connections.inc();
+        ServerIo {
+            transport,
+            peer,
+            metrics: metrics.clone(),
+        }
+    }
+}
+
+impl Drop for ServerIo {
+    fn drop(&mut self) {
+        self.metrics.connections.dec();
+    }
+}
+
+impl Connected for ServerIo {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for ServerIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().transport {
+            Transport::Plain(io) => Pin::new(io).poll_read(cx, buf),
+            Transport::Tls(io) => Pin::new(io.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ServerIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().transport {
+            Transport::Plain(io) => Pin::new(io).poll_write(cx, buf),
+            Transport::Tls(io) => Pin::new(io.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.get_mut().transport {
+            Transport::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            Transport::Tls(io) => Pin::new(io.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.transport {
+            Transport::Plain(io) => io.is_write_vectored(),
+            Transport::Tls(io) => io.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().transport {
+            Transport::Plain(io) => Pin::new(io).poll_flush(cx),
+            Transport::Tls(io) => Pin::new(io.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().transport {
+            Transport::Plain(io) => Pin::new(io).poll_shutdown(cx),
+            Transport::Tls(io) => Pin::new(io.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
