@@ -357,6 +357,61 @@ impl Keys {
     }
 }
 
+/// A client of `url` over TLS; `Err` carries the whole error chain.
+pub async fn tls_client(
+    url: &str,
+    tls: tonic::transport::ClientTlsConfig,
+) -> Result<Client, String> {
+    let endpoint = client::endpoint(url.to_string())
+        .and_then(|e| e.tls_config(tls))
+        .map_err(|e| chain(&e))?;
+    let channel = within(endpoint.connect()).await.map_err(|e| chain(&e))?;
+    Ok(Client::new(channel))
+}
+
+/// One GetQuotes over a fresh TLS connection: `Ok` if the server answered at all.
+pub async fn tls_call(url: &str, tls: tonic::transport::ClientTlsConfig) -> Result<(), String> {
+    let mut client = tls_client(url, tls).await?;
+    let request = tickerd::pb::GetQuotesRequest {
+        symbols: vec!["ANY".into()],
+    };
+    within(client.get_quotes(request))
+        .await
+        .map(|_| ())
+        .map_err(|status| format!("{status:?}"))
+}
+
+/// An error with its sources, for assertions on what went wrong.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// Runs the real `tickerd` to its exit (for start-up refusals): (exit code, stderr).
+pub async fn tickerd_exit(args: &[&str]) -> (i32, String) {
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tickerd"))
+        .args(["--feed", "none"])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn tickerd");
+    let out = within(child.wait_with_output())
+        .await
+        .expect("tickerd output");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A token signed with `SECRET` for `sub`, entitled to `symbols`, valid for `ttl`.
 pub fn token(sub: &str, symbols: &str, scope: Option<&str>, ttl: Duration) -> String {
     let claims = MintClaims {
@@ -445,6 +500,10 @@ impl TickerdProcess {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    pub fn tls_url(&self) -> String {
+        format!("https://{}", self.addr)
     }
 
     /// Waits for a log line containing every one of `needles`; returns it.
