@@ -21,6 +21,8 @@ use crate::pb::ticker_stream_service_client::TickerStreamServiceClient;
 /// Exit codes, as documented in `ticker --help`.
 pub mod exit {
     pub const OK: u8 = 0;
+    /// A local file could not be read or written (`token`, `certs`).
+    pub const LOCAL: u8 = 1;
     pub const USAGE: u8 = 2;
     pub const CANNOT_CONNECT: u8 = 3;
     pub const AUTH: u8 = 4;
@@ -90,6 +92,18 @@ impl CliError {
 
     /// An RPC's failure: the gRPC code decides the exit code.
     pub fn from_status(what: &str, status: &Status) -> CliError {
+        // A connection that broke under the call (a TLS alert, say) comes back as a
+        // status wrapping the transport error: say what broke, and count it as a
+        // connection failure.
+        if let Some(source) = std::error::Error::source(status) {
+            let cause = root_cause(source);
+            let hint = if cause.to_lowercase().contains("certificaterequired") {
+                " (the server requires a client certificate: give --cert and --key)"
+            } else {
+                ""
+            };
+            return CliError::new(exit::CANNOT_CONNECT, format!("{what}: {cause}{hint}"));
+        }
         let code = match status.code() {
             Code::Unauthenticated | Code::PermissionDenied => exit::AUTH,
             Code::Unavailable | Code::DeadlineExceeded => exit::CANNOT_CONNECT,

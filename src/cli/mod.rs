@@ -3,6 +3,7 @@
 
 mod backoff;
 mod connect;
+mod keys;
 mod live;
 mod oneshot;
 mod streams;
@@ -16,7 +17,7 @@ pub use live::{Command, Event};
 
 /// ticker: the command-line client of tickerd (ticker.v1).
 ///
-/// Exit codes: 0 success; 2 usage error; 3 cannot connect (or gave up reconnecting);
+/// Exit codes: 0 success; 1 a local file could not be read or written; 2 usage error; 3 cannot connect (or gave up reconnecting);
 /// 4 authentication or permission refused; 5 the server rejected the request (or, for
 /// `health`, is not SERVING); 130 interrupted (Ctrl-C).
 ///
@@ -49,6 +50,11 @@ pub enum Commands {
     /// Open streams (peer, principal, age, subscriptions, sent, dropped, behind) from
     /// the server's operations endpoint (--metrics-listen).
     Streams(streams::StreamsArgs),
+    /// Mint a development JWT (HS256) with the server's --jwt-secret-file; prints it.
+    Token(keys::TokenArgs),
+    /// Make a development CA, a server certificate (localhost, 127.0.0.1, ::1) and a
+    /// client certificate, as PEM files for --tls-* and --ca/--cert/--key.
+    Certs(keys::CertsArgs),
 }
 
 /// Runs the parsed command line; Ctrl-C ends it with exit code 130.
@@ -61,6 +67,8 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             Commands::Publish(args) => oneshot::publish(cli.connect, args).await,
             Commands::Health(args) => oneshot::health(cli.connect, args).await,
             Commands::Streams(args) => streams::run(args, cli.connect.timeout).await,
+            Commands::Token(args) => keys::token(args),
+            Commands::Certs(args) => keys::certs(args),
         }
     };
     tokio::select! {
