@@ -75,7 +75,7 @@ impl TlsReloader {
         match self.tls.reload() {
             Ok(served) => {
                 self.metrics.tls_loaded(Some(served.not_after));
-                tracing::info!(subject = %served.subject, not_after = served.not_after, "TLS certificates reloaded");
+                tracing::info!(subject = %served.subject, not_after = %served.expiry(), "TLS certificates reloaded");
                 true
             }
             Err(e) => {
@@ -152,7 +152,7 @@ impl Server {
                 metrics.tls_loaded(Some(served.not_after));
                 tracing::info!(
                     subject = %served.subject,
-                    not_after = served.not_after,
+                    not_after = %served.expiry(),
                     mutual = tls.mutual(),
                     "TLS on"
                 );

@@ -49,6 +49,13 @@ pub struct Served {
     pub not_after: i64,
 }
 
+impl Served {
+    /// The expiry as RFC 3339, for the log.
+    pub fn expiry(&self) -> String {
+        crate::clock::rfc3339_nanos(self.not_after.saturating_mul(1_000_000_000))
+    }
+}
+
 /// The server's TLS state; cheap to clone.
 #[derive(Clone)]
 pub struct Tls {
