@@ -18,7 +18,7 @@ fn hub() -> Hub {
 fn receivers(hub: &Hub, symbol: &str, n: usize) -> Vec<Receiver<Arc<Tick>>> {
     hub.publish(symbol, 1.0, 0).unwrap();
     (0..n)
-        .map(|_| hub.subscribe(symbol).unwrap().receiver)
+        .map(|_| hub.subscribe(symbol).unwrap().receiver.unwrap())
         .collect()
 }
 

@@ -69,6 +69,18 @@ pub struct Config {
           value_parser = positive)]
     pub channel_capacity: usize,
 
+    /// Ticks kept per symbol so that a client reconnecting with `resume_from_seq` and
+    /// `epoch` gets exactly what it missed (0: no resume; clients get a snapshot).
+    /// Memory: about 200 bytes per kept tick, per symbol that ticked.
+    #[arg(long, env = "TICKERD_HISTORY_SIZE", default_value_t = 1024)]
+    pub history_size: usize,
+
+    /// Kept ticks older than this are not replayed: a resume further back gets a
+    /// snapshot and `recovered = false`.
+    #[arg(long, env = "TICKERD_HISTORY_TTL", default_value = "5m",
+          value_parser = humantime::parse_duration)]
+    pub history_ttl: Duration,
+
     /// Most symbols one stream may subscribe to; past it KIND_REJECTED (Subscribe:
     /// INVALID_ARGUMENT).
     #[arg(

@@ -1,13 +1,18 @@
-//! The hub: per-symbol seq, last value and bounded broadcast channel. Feeds and the
-//! Publish RPC write into it (`publish`); sessions read from it (`subscribe`).
+//! The hub: per-symbol seq (within the hub's epoch), last value, bounded history and
+//! bounded broadcast channel. Feeds and the Publish RPC write into it (`publish`);
+//! sessions read from it (`subscribe_with`), directly or through a `Conflator`.
 //!
 //! Publishing never waits for a subscriber: each channel has overflow on (the oldest
 //! tick is dropped when a receiver falls `channel_capacity` behind) and await_active
 //! off. Each tick is encoded once, here, and its bytes are shared by every stream.
 
-use std::sync::{
-    atomic::{AtomicU64, Ordering},
-    Arc, Mutex, MutexGuard,
+use std::{
+    collections::VecDeque,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard, Weak,
+    },
+    time::Duration,
 };
 
 use async_broadcast::{Receiver, Sender, TrySendError};
@@ -15,6 +20,7 @@ use bytes::Bytes;
 use dashmap::{mapref::entry::Entry, DashMap};
 use prost::Message;
 
+pub use crate::conflator::Conflator;
 use crate::{
     clock,
     pb::{ticker_response::Kind, TickerResponse},
@@ -26,6 +32,7 @@ use crate::{
 pub struct Tick {
     pub symbol: Symbol,
     pub seq: u64,
+    pub epoch: u64,
     pub ltp: f64,
     pub event_time_unix_nanos: i64,
     /// The `TickerResponse` (kind KIND_TICK) as protobuf bytes, encoded once.
@@ -40,6 +47,7 @@ impl Tick {
             ltp: self.ltp,
             timestamp: clock::rfc3339_nanos(self.event_time_unix_nanos),
             seq: self.seq,
+            epoch: self.epoch,
             event_time_unix_nanos: self.event_time_unix_nanos,
             kind: kind as i32,
             ..Default::default()
@@ -53,6 +61,10 @@ pub struct HubConfig {
     pub channel_capacity: usize,
     pub max_symbols: usize,
     pub allow_unknown_symbols: bool,
+    /// Ticks kept per symbol for resuming subscribers (0: no resume).
+    pub history_size: usize,
+    /// Ticks older than this (since they entered the hub) are not replayed.
+    pub history_ttl: Duration,
 }
 
 impl Default for HubConfig {
@@ -61,6 +73,8 @@ impl Default for HubConfig {
             channel_capacity: 4096,
             max_symbols: 100_000,
             allow_unknown_symbols: false,
+            history_size: 1024,
+            history_ttl: Duration::from_secs(300),
         }
     }
 }
@@ -89,11 +103,34 @@ pub enum SubscribeError {
     SymbolLimit(usize),
 }
 
-/// A new subscription: the receiver of live ticks and the last value at the moment it
-/// was created; every tick the receiver yields has a greater seq than the snapshot.
+/// A new subscription, made atomically with respect to `publish`: the live feed (a
+/// receiver, or a conflator registered with the symbol) starts right after `seq`, and
+/// either `replay` holds every tick after the resume point up to `seq` or `snapshot` is
+/// the last value. Nothing overlaps and nothing is left out.
 pub struct Subscription {
-    pub receiver: Receiver<Arc<Tick>>,
+    /// `None` when the ticks go to a conflator instead.
+    pub receiver: Option<Receiver<Arc<Tick>>>,
     pub snapshot: Option<Arc<Tick>>,
+    /// `Some` when a resume was asked for and the history covers it (maybe empty).
+    pub replay: Option<Vec<Arc<Tick>>>,
+    /// The symbol's seq when the subscription was made.
+    pub seq: u64,
+    pub epoch: u64,
+}
+
+/// Where a resuming subscriber left off: the last seq it saw, in `epoch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResumePoint {
+    pub epoch: u64,
+    pub seq: u64,
+}
+
+/// How a subscription receives live ticks.
+pub enum Delivery<'a> {
+    /// Each tick, through the symbol's bounded broadcast channel.
+    Channel,
+    /// Folded by the publisher into the conflator, which never falls behind.
+    Conflate(&'a Arc<Conflator>),
 }
 
 /// Where a tick came from, for the accepted/rejected counters.
@@ -132,6 +169,7 @@ pub struct Hub {
 
 struct Shared {
     config: HubConfig,
+    epoch: u64,
     symbols: DashMap<Symbol, Arc<SymbolSlot>>,
     stats: HubStats,
 }
@@ -148,6 +186,10 @@ struct SymbolState {
     /// Present while the symbol has (or recently had) subscribers; dropped when the
     /// channel is found without receivers, so idle symbols hold no queue.
     sender: Option<Sender<Arc<Tick>>>,
+    /// The latest ticks (at most `history_size`) with the time each entered the hub.
+    history: VecDeque<(i64, Arc<Tick>)>,
+    /// CONFLATE subscribers; a dropped session's entry is removed on the next tick.
+    conflators: Vec<Weak<Conflator>>,
 }
 
 impl SymbolSlot {
@@ -171,6 +213,7 @@ impl Hub {
         Hub {
             shared: Arc::new(Shared {
                 config,
+                epoch: new_epoch(),
                 symbols: DashMap::new(),
                 stats: HubStats::default(),
             }),
@@ -179,6 +222,12 @@ impl Hub {
 
     pub fn config(&self) -> &HubConfig {
         &self.shared.config
+    }
+
+    /// The epoch of every seq this hub hands out: a new hub (a restarted process)
+    /// starts its seqs again under a new epoch.
+    pub fn epoch(&self) -> u64 {
+        self.shared.epoch
     }
 
     pub fn stats(&self) -> &HubStats {
@@ -247,17 +296,36 @@ impl Hub {
                     .map_err(PublishError::SymbolLimit)?
             }
         };
-        let event_time = if event_time == 0 {
-            clock::now_unix_nanos()
-        } else {
-            event_time
-        };
+        let now = clock::now_unix_nanos();
+        let event_time = if event_time == 0 { now } else { event_time };
+        let config = &self.shared.config;
 
         let mut state = slot.lock();
         state.seq += 1;
         let seq = state.seq;
-        let tick = Arc::new(encode_tick(&slot.symbol, seq, ltp, event_time));
+        let tick = Arc::new(encode_tick(
+            &slot.symbol,
+            seq,
+            self.epoch(),
+            ltp,
+            event_time,
+        ));
         state.last = Some(Arc::clone(&tick));
+        if config.history_size > 0 {
+            if state.history.len() >= config.history_size {
+                state.history.pop_front();
+            }
+            state.history.push_back((now, Arc::clone(&tick)));
+        }
+        if !state.conflators.is_empty() {
+            state.conflators.retain(|c| match c.upgrade() {
+                Some(c) => {
+                    c.add(&tick);
+                    true
+                }
+                None => false,
+            });
+        }
         if let Some(sender) = &state.sender {
             match sender.try_broadcast(tick) {
                 Ok(None) => {}
@@ -280,6 +348,17 @@ impl Hub {
     /// with respect to `publish`, so the snapshot and the live ticks never overlap or
     /// leave a hole.
     pub fn subscribe(&self, symbol: &str) -> Result<Subscription, SubscribeError> {
+        self.subscribe_with(symbol, None, Delivery::Channel)
+    }
+
+    /// `subscribe`, resuming after `resume` when the history allows, with live ticks
+    /// delivered as `delivery` says.
+    pub fn subscribe_with(
+        &self,
+        symbol: &str,
+        resume: Option<ResumePoint>,
+        delivery: Delivery<'_>,
+    ) -> Result<Subscription, SubscribeError> {
         symbol::validate(symbol)?;
         let slot = match self.shared.symbols.get(symbol) {
             Some(slot) => Arc::clone(&slot),
@@ -289,21 +368,60 @@ impl Hub {
             None => return Err(SubscribeError::Unknown),
         };
         let mut state = slot.lock();
-        let receiver = match &state.sender {
-            Some(sender) if !sender.is_closed() => sender.new_receiver(),
-            _ => {
-                let (mut sender, receiver) =
-                    async_broadcast::broadcast(self.shared.config.channel_capacity.max(1));
-                sender.set_overflow(true);
-                sender.set_await_active(false);
-                state.sender = Some(sender);
-                receiver
+        let receiver = match delivery {
+            Delivery::Conflate(conflator) => {
+                state.conflators.push(Arc::downgrade(conflator));
+                None
             }
+            Delivery::Channel => Some(match &state.sender {
+                Some(sender) if !sender.is_closed() => sender.new_receiver(),
+                _ => {
+                    let (mut sender, receiver) =
+                        async_broadcast::broadcast(self.shared.config.channel_capacity.max(1));
+                    sender.set_overflow(true);
+                    sender.set_await_active(false);
+                    state.sender = Some(sender);
+                    receiver
+                }
+            }),
         };
+        let replay = resume.and_then(|from| self.replay(&state, from));
         Ok(Subscription {
             receiver,
-            snapshot: state.last.clone(),
+            snapshot: if replay.is_some() {
+                None
+            } else {
+                state.last.clone()
+            },
+            replay,
+            seq: state.seq,
+            epoch: self.epoch(),
         })
+    }
+
+    /// Every tick after `from`, if the history still holds them all (none expired).
+    fn replay(&self, state: &SymbolState, from: ResumePoint) -> Option<Vec<Arc<Tick>>> {
+        if from.epoch != self.epoch() || from.seq > state.seq {
+            return None;
+        }
+        let missing = (state.seq - from.seq) as usize;
+        if missing == 0 {
+            return Some(Vec::new());
+        }
+        if missing > state.history.len() {
+            return None;
+        }
+        let oldest_allowed =
+            clock::now_unix_nanos() - self.shared.config.history_ttl.as_nanos() as i64;
+        let wanted = state.history.range(state.history.len() - missing..);
+        let mut ticks = Vec::with_capacity(missing);
+        for (entered, tick) in wanted {
+            if *entered < oldest_allowed {
+                return None;
+            }
+            ticks.push(Arc::clone(tick));
+        }
+        Some(ticks)
     }
 
     /// The last tick of `symbol`, if it is known and has ticked.
@@ -391,18 +509,34 @@ impl Hub {
     }
 }
 
-fn encode_tick(symbol: &Symbol, seq: u64, ltp: f64, event_time_unix_nanos: i64) -> Tick {
+/// A new epoch: the start time in nanoseconds, mixed with a per-process count so two
+/// hubs made in the same instant differ. Never 0 (0 means "no epoch" on the wire).
+fn new_epoch() -> u64 {
+    static MADE: AtomicU64 = AtomicU64::new(0);
+    let made = MADE.fetch_add(1, Ordering::Relaxed);
+    (clock::now_unix_nanos() as u64).wrapping_add(made).max(1)
+}
+
+fn encode_tick(
+    symbol: &Symbol,
+    seq: u64,
+    epoch: u64,
+    ltp: f64,
+    event_time_unix_nanos: i64,
+) -> Tick {
     let msg = TickerResponse {
         symbol: symbol.to_string(),
         ltp,
         timestamp: clock::rfc3339_nanos(event_time_unix_nanos),
         seq,
+        epoch,
         event_time_unix_nanos,
         ..Default::default()
     };
     Tick {
         symbol: Arc::clone(symbol),
         seq,
+        epoch,
         ltp,
         event_time_unix_nanos,
         encoded: Bytes::from(msg.encode_to_vec()),
@@ -418,6 +552,7 @@ mod tests {
             channel_capacity: capacity,
             max_symbols: 3,
             allow_unknown_symbols: false,
+            ..HubConfig::default()
         })
     }
 
@@ -429,7 +564,7 @@ mod tests {
         let mut sub = hub.subscribe("A").unwrap();
         assert_eq!(sub.snapshot.as_ref().map(|t| t.seq), Some(2));
         hub.publish("A", 3.0, 0).unwrap();
-        let next = sub.receiver.try_recv().unwrap();
+        let next = sub.receiver.as_mut().unwrap().try_recv().unwrap();
         assert_eq!((next.seq, next.ltp), (3, 3.0));
         let decoded = TickerResponse::decode(next.encoded.clone()).unwrap();
         assert_eq!(decoded.seq, 3);
@@ -450,10 +585,10 @@ mod tests {
         }
         assert_eq!(hub.stats().overflowed.load(Ordering::Relaxed), 6);
         assert!(matches!(
-            sub.receiver.try_recv(),
+            sub.receiver.as_mut().unwrap().try_recv(),
             Err(async_broadcast::TryRecvError::Overflowed(6))
         ));
-        assert_eq!(sub.receiver.try_recv().unwrap().seq, 8);
+        assert_eq!(sub.receiver.as_mut().unwrap().try_recv().unwrap().seq, 8);
     }
 
     #[test]
@@ -503,6 +638,6 @@ mod tests {
         // and a later subscriber gets a fresh channel that works
         let mut sub = hub.subscribe("A").unwrap();
         hub.publish("A", 2.0, 0).unwrap();
-        assert_eq!(sub.receiver.try_recv().unwrap().seq, 2);
+        assert_eq!(sub.receiver.as_mut().unwrap().try_recv().unwrap().seq, 2);
     }
 }

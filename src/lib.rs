@@ -13,6 +13,7 @@ pub mod client;
 pub mod clock;
 pub mod codec;
 pub mod config;
+pub mod conflator;
 pub mod devcerts;
 pub mod feed;
 pub mod hub;

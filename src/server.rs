@@ -91,6 +91,8 @@ impl Server {
     /// Builds everything the config names and checks its input files.
     pub fn new(config: Config) -> Result<Server, ServerError> {
         let hub = Hub::new(HubConfig {
+            history_size: config.history_size,
+            history_ttl: config.history_ttl,
             channel_capacity: config.channel_capacity,
             max_symbols: config.max_symbols,
             allow_unknown_symbols: config.allow_unknown_symbols,

@@ -35,9 +35,9 @@ async fn subscribe_streams_acks_snapshots_and_ticks_for_its_list() {
     assert_eq!(
         msgs,
         vec![
-            (Kind::Subscribed, "A".into(), 0),
+            (Kind::Subscribed, "A".into(), 2),
             (Kind::Snapshot, "A".into(), 2),
-            (Kind::Subscribed, "B".into(), 0),
+            (Kind::Subscribed, "B".into(), 1),
             (Kind::Snapshot, "B".into(), 1),
         ]
     );

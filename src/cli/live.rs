@@ -40,6 +40,11 @@ pub enum Event {
         symbol: String,
         detail: String,
     },
+    /// The server warns that this client is falling behind (KIND_BACKLOG).
+    Warning {
+        symbol: String,
+        detail: String,
+    },
     /// The server dropped `dropped` ticks because this client fell behind.
     Lagged {
         symbol: String,
@@ -299,6 +304,10 @@ impl Live {
             },
             // Only answers an in-band token refresh, which this client does not send.
             Kind::TokenRefreshed => return Ok(()),
+            Kind::Backlog => Event::Warning {
+                symbol,
+                detail: msg.detail,
+            },
         };
         self.emit(event).await
     }

@@ -103,6 +103,7 @@ pub fn describe(event: &Event) -> String {
         Event::Subscribed(s) => format!("subscribed {s}"),
         Event::Unsubscribed(s) => format!("unsubscribed {s}"),
         Event::Rejected { symbol, detail } => format!("rejected {symbol:?}: {detail}"),
+        Event::Warning { detail, .. } => format!("warning: {detail}"),
         Event::Lagged { symbol, dropped } => {
             format!("lagged on {symbol}: the server dropped {dropped} ticks this client could not keep up with")
         }

@@ -218,8 +218,19 @@ impl Stream {
     }
 }
 
-/// The next message of a response stream; fails on error, end or deadline.
+/// The next message of a response stream, skipping advisory KIND_BACKLOG warnings
+/// (see `next_any`); fails on error, end or deadline.
 pub async fn next(rx: &mut Streaming<TickerResponse>) -> TickerResponse {
+    loop {
+        let msg = next_any(rx).await;
+        if msg.kind() != Kind::Backlog {
+            return msg;
+        }
+    }
+}
+
+/// The next message of a response stream, whatever its kind.
+pub async fn next_any(rx: &mut Streaming<TickerResponse>) -> TickerResponse {
     match within(rx.message()).await {
         Ok(Some(msg)) => msg,
         Ok(None) => panic!("stream ended"),

@@ -6,7 +6,13 @@
 //! more, and it returns every ready message before `Pending`, so tonic packs all ready
 //! ticks into one DATA frame. A stream that cannot keep up falls behind in the hub's
 //! bounded channels; the hub drops the oldest, and the session turns the resulting seq
-//! gap into a KIND_LAGGED notice (with the exact count) just before the next tick.
+//! gap into a KIND_LAGGED notice (with the exact count) just before the next tick, or,
+//! for a STRICT subscription, ends the stream. A backlog past half the channel is
+//! announced first (KIND_BACKLOG). CONFLATE subscriptions never fall behind: the hub
+//! folds their ticks (`conflator`) and the session takes the fold at their rate.
+//! `policy` holds the per-subscription parts.
+
+mod policy;
 
 use std::{
     collections::VecDeque,
@@ -17,7 +23,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use async_broadcast::{Receiver, RecvError};
+use async_broadcast::RecvError;
 use futures_core::Stream;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
@@ -27,12 +33,16 @@ use crate::{
     auth::{Authenticator, Principal},
     clock,
     codec::Outbound,
-    hub::{Hub, SubscribeError, Tick},
+    conflator::Conflator,
+    hub::{Delivery, Hub, ResumePoint, SubscribeError, Tick},
     metrics::{ended, StreamTicket},
     pb::{ticker_request::Action, ticker_response::Kind, TickerRequest, TickerResponse},
     shutdown::Shutdown,
     symbol::{self, Symbol},
 };
+
+use policy::{backlog, conflated, lagged, resume_point, Feed, Sub, BACKLOG_CHECK_EVERY};
+pub use policy::{Policy, MAX_CONFLATE_HZ};
 
 /// Replies queued beyond this stop the session from reading further requests, so a
 /// client that floods requests without reading gets HTTP/2 backpressure, not memory.
@@ -60,7 +70,10 @@ pub struct Session {
     /// The client's requests (TickerStream); `None` for Subscribe or after half-close.
     requests: Option<Streaming<TickerRequest>>,
     subs: Vec<Sub>,
-    control: VecDeque<TickerResponse>,
+    /// Replies and replayed ticks, ahead of live ticks.
+    control: VecDeque<Outbound>,
+    /// Wakes this stream when its earliest CONFLATE message falls due.
+    conflate_timer: Option<Pin<Box<Sleep>>>,
     /// A tick held back while the KIND_LAGGED notice for its gap goes first.
     held: Option<Arc<Tick>>,
     /// Round-robin start, so one busy symbol cannot starve the others.
@@ -97,13 +110,6 @@ struct LocalCounts {
 /// histogram takes a lock, so it must not be touched per tick.
 const SAMPLE_EVERY_NANOS: i64 = 100_000_000;
 
-struct Sub {
-    symbol: Symbol,
-    receiver: Receiver<Arc<Tick>>,
-    /// Highest seq delivered (or announced by the snapshot) on this stream.
-    last_seq: u64,
-}
-
 impl Session {
     /// `ticket` is this stream's place under the stream cap and in the metrics.
     pub fn new(
@@ -132,6 +138,7 @@ impl Session {
             requests,
             subs: Vec::new(),
             control: VecDeque::new(),
+            conflate_timer: None,
             held: None,
             cursor: 0,
             shutdown,
@@ -157,8 +164,11 @@ impl Session {
             }
         }
         match Action::try_from(request.action) {
-            Ok(Action::Unspecified | Action::Subscribe) => self.subscribe(&request.symbol),
-            Ok(Action::Unsubscribe) => self.unsubscribe(&request.symbol),
+            Ok(Action::Unspecified | Action::Subscribe) => match Policy::of(&request) {
+                Ok(policy) => self.subscribe_with(&request.symbol, policy, resume_point(&request)),
+                Err(why) => self.reject(&request.symbol, why),
+            },
+            Ok(Action::Unsubscribe) => self.unsubscribe(&request.symbol, ""),
             Err(_) => self.reject(
                 &request.symbol,
                 format!(
@@ -204,10 +214,7 @@ impl Session {
             .map(|s| s.symbol.clone())
             .collect();
         for symbol in revoked {
-            self.unsubscribe(&symbol);
-            if let Some(ack) = self.control.back_mut() {
-                ack.detail = "not entitled under the refreshed token".into();
-            }
+            self.unsubscribe(&symbol, "not entitled under the refreshed token");
         }
         let detail = match until.and_then(|t| t.duration_since(UNIX_EPOCH).ok()) {
             Some(d) => format!(
@@ -221,56 +228,124 @@ impl Session {
         Ok(())
     }
 
-    /// Subscribes to `symbol`: queues KIND_SUBSCRIBED then the snapshot, or KIND_REJECTED.
+    /// Subscribes to `symbol` with the ALL policy (the Subscribe RPC).
     pub fn subscribe(&mut self, symbol: &str) {
+        self.subscribe_with(symbol, Policy::All, None);
+    }
+
+    /// Subscribes to `symbol`: queues KIND_SUBSCRIBED, then either the replayed ticks
+    /// after `resume` (when the hub's history covers them) or the snapshot; or
+    /// KIND_REJECTED. On a symbol already subscribed with another policy (or with a
+    /// resume point), the subscription is remade from where this stream is, so the
+    /// switch neither skips nor repeats a tick while the history covers it.
+    fn subscribe_with(&mut self, symbol: &str, policy: Policy, resume: Option<ResumePoint>) {
         if let Err(e) = symbol::validate(symbol) {
             return self.reject(symbol, e.to_string());
         }
         if !self.caller.principal.entitled(symbol) {
             return self.reject(symbol, format!("not entitled to {symbol}"));
         }
-        if self.subs.iter().any(|s| &*s.symbol == symbol) {
-            return self.push(control(Kind::Subscribed, symbol, "already subscribed"));
-        }
-        if self.subs.len() >= self.limits.max_subscriptions {
-            let max = self.limits.max_subscriptions;
-            return self.reject(
-                symbol,
-                format!("too many subscriptions on this stream (limit {max})"),
-            );
-        }
-        match self.hub.subscribe(symbol) {
-            Ok(sub) => {
-                let last_seq = sub.snapshot.as_ref().map_or(0, |t| t.seq);
-                self.subs.push(Sub {
-                    symbol: Arc::from(symbol),
-                    receiver: sub.receiver,
-                    last_seq,
-                });
-                self.ticket.metrics.subscriptions.inc();
-                self.ticket
-                    .info
-                    .subscriptions
-                    .store(self.subs.len() as u64, Ordering::Relaxed);
-                tracing::debug!(parent: &self.span, symbol, last_seq, "subscribed");
-                self.push(control(Kind::Subscribed, symbol, ""));
-                if let Some(snapshot) = sub.snapshot {
-                    self.push(snapshot.to_response(Kind::Snapshot));
-                }
+        let (resume, detail) = match self.subs.iter().position(|s| &*s.symbol == symbol) {
+            Some(idx) if self.subs[idx].policy == policy && resume.is_none() => {
+                return self.push(control(Kind::Subscribed, symbol, "already subscribed"));
             }
+            Some(idx) => {
+                let old = self.subs.remove(idx);
+                self.ticket.metrics.subscriptions.dec();
+                let last_seq = self.flush(old);
+                let from = ResumePoint {
+                    epoch: self.hub.epoch(),
+                    seq: last_seq,
+                };
+                (
+                    Some(resume.unwrap_or(from)),
+                    format!("policy {}", policy.name()),
+                )
+            }
+            None if self.subs.len() >= self.limits.max_subscriptions => {
+                let max = self.limits.max_subscriptions;
+                return self.reject(
+                    symbol,
+                    format!("too many subscriptions on this stream (limit {max})"),
+                );
+            }
+            None => (resume, String::new()),
+        };
+        let conflator = match policy {
+            Policy::Conflate { .. } => Some(Arc::new(Conflator::default())),
+            _ => None,
+        };
+        let delivery = match &conflator {
+            Some(c) => Delivery::Conflate(c),
+            None => Delivery::Channel,
+        };
+        let sub = match self.hub.subscribe_with(symbol, resume, delivery) {
+            Ok(sub) => sub,
             Err(
                 e @ (SubscribeError::Unknown
                 | SubscribeError::SymbolLimit(_)
                 | SubscribeError::Symbol(_)),
-            ) => self.reject(symbol, e.to_string()),
+            ) => return self.reject(symbol, e.to_string()),
+        };
+        let feed = match (sub.receiver, conflator, policy) {
+            (Some(receiver), _, _) => Feed::Channel(receiver),
+            (None, Some(conflator), Policy::Conflate { every }) => Feed::Conflate {
+                conflator,
+                every,
+                next_emit: Instant::now(),
+            },
+            // The hub returns no receiver only for a conflator.
+            (None, _, _) => return self.reject(symbol, "internal: no feed".into()),
+        };
+        self.subs.push(Sub {
+            symbol: Arc::from(symbol),
+            policy,
+            feed,
+            last_seq: sub.seq,
+            unchecked: 0,
+            warned: false,
+        });
+        self.ticket.metrics.subscriptions.inc();
+        self.ticket
+            .info
+            .subscriptions
+            .store(self.subs.len() as u64, Ordering::Relaxed);
+        let recovered = resume.is_some() && sub.replay.is_some();
+        tracing::debug!(parent: &self.span, symbol, seq = sub.seq, policy = policy.name(), recovered, "subscribed");
+        self.push(TickerResponse {
+            seq: sub.seq,
+            epoch: sub.epoch,
+            recovered,
+            ..control(Kind::Subscribed, symbol, &detail)
+        });
+        match (sub.replay, sub.snapshot) {
+            (Some(replay), _) => self.control.extend(replay.into_iter().map(Outbound::Tick)),
+            (None, Some(snapshot)) => self.push(snapshot.to_response(Kind::Snapshot)),
+            (None, None) => {}
         }
     }
 
-    fn unsubscribe(&mut self, symbol: &str) {
+    /// Ends `old`, queueing what it folded but did not send yet; returns the last seq
+    /// this stream has been given of its symbol.
+    fn flush(&mut self, old: Sub) -> u64 {
+        if let Feed::Conflate { conflator, .. } = &old.feed {
+            if let Some(fold) = conflator.take() {
+                if let Some(last) = &fold.last {
+                    self.control
+                        .push_back(Outbound::Message(conflated(&fold, last)));
+                    return last.seq;
+                }
+            }
+        }
+        old.last_seq
+    }
+
+    fn unsubscribe(&mut self, symbol: &str, detail: &str) {
         if let Err(e) = symbol::validate(symbol) {
             return self.reject(symbol, e.to_string());
         }
-        // Dropping the receiver is what stops delivery; a held tick of it goes too.
+        // Dropping the receiver (or conflator) is what stops delivery; a held tick of
+        // it goes too.
         let before = self.subs.len();
         self.subs.retain(|s| &*s.symbol != symbol);
         self.ticket
@@ -285,7 +360,7 @@ impl Session {
         if self.held.as_ref().is_some_and(|t| &*t.symbol == symbol) {
             self.held = None;
         }
-        self.push(control(Kind::Unsubscribed, symbol, ""));
+        self.push(control(Kind::Unsubscribed, symbol, detail));
     }
 
     fn reject(&mut self, symbol: &str, detail: String) {
@@ -299,7 +374,7 @@ impl Session {
     }
 
     fn push(&mut self, msg: TickerResponse) {
-        self.control.push_back(msg);
+        self.control.push_back(Outbound::Message(msg));
     }
 
     /// Reads requests while the reply queue has room. `Err` ends the stream.
@@ -319,38 +394,111 @@ impl Session {
         Ok(())
     }
 
-    /// The next live tick of any subscription, round-robin; a gap comes out as
-    /// KIND_LAGGED first, with the tick held for the next call.
-    fn poll_ticks(&mut self, cx: &mut Context<'_>) -> Poll<Outbound> {
+    /// The next live message of any subscription, round-robin: a tick, a conflated
+    /// range that fell due, or a notice (lag, backlog) with its tick held for the next
+    /// call. `Err` ends the stream (a STRICT subscription fell behind).
+    fn poll_ticks(&mut self, cx: &mut Context<'_>) -> Poll<Result<Outbound, Ending>> {
         let n = self.subs.len();
+        let capacity = self.hub.config().channel_capacity.max(1);
+        let mut due: Option<Instant> = None;
         for i in 0..n {
             let idx = (self.cursor + i) % n;
             let sub = &mut self.subs[idx];
+            let receiver = match &mut sub.feed {
+                Feed::Channel(receiver) => receiver,
+                Feed::Conflate {
+                    conflator,
+                    every,
+                    next_emit,
+                } => {
+                    if !conflator.is_pending() {
+                        conflator.register(cx.waker());
+                        if !conflator.is_pending() {
+                            continue;
+                        }
+                    }
+                    let now = Instant::now();
+                    if now < *next_emit {
+                        due = Some(due.map_or(*next_emit, |d| d.min(*next_emit)));
+                        continue;
+                    }
+                    let Some(fold) = conflator.take() else {
+                        continue;
+                    };
+                    let Some(last) = fold.last.clone() else {
+                        continue;
+                    };
+                    *next_emit = now + *every;
+                    sub.last_seq = last.seq;
+                    self.cursor = idx + 1;
+                    self.local.delivered += 1;
+                    return Poll::Ready(Ok(Outbound::Message(conflated(&fold, &last))));
+                }
+            };
             loop {
-                match Pin::new(&mut sub.receiver).poll_recv(cx) {
+                match Pin::new(&mut *receiver).poll_recv(cx) {
                     Poll::Ready(Some(Ok(tick))) => {
                         // At or below what the snapshot already showed: skip.
                         if tick.seq <= sub.last_seq {
                             continue;
                         }
                         let dropped = tick.seq - sub.last_seq - 1;
+                        if dropped > 0 && sub.policy == Policy::Strict {
+                            let status = Status::resource_exhausted(format!(
+                                "slow consumer: this stream fell {dropped} ticks behind on {} (STRICT); \
+                                 last seq delivered {} in epoch {}: resume from it",
+                                sub.symbol,
+                                sub.last_seq,
+                                tick.epoch
+                            ));
+                            return Poll::Ready(Err((ended::SLOW_CONSUMER, status)));
+                        }
                         sub.last_seq = tick.seq;
                         self.cursor = idx + 1;
-                        if dropped == 0 {
-                            return Poll::Ready(self.deliver(tick));
+                        if dropped > 0 {
+                            let notice = lagged(&sub.symbol, dropped);
+                            tracing::debug!(parent: &self.span, symbol = %notice.symbol, dropped, "stream lagged");
+                            self.local.dropped += dropped;
+                            self.local.lag_notices += 1;
+                            self.held = Some(tick);
+                            return Poll::Ready(Ok(Outbound::Message(notice)));
                         }
-                        let notice = lagged(&sub.symbol, dropped);
-                        tracing::debug!(parent: &self.span, symbol = %notice.symbol, dropped, "stream lagged");
-                        self.local.dropped += dropped;
-                        self.local.lag_notices += 1;
-                        self.held = Some(tick);
-                        return Poll::Ready(Outbound::Message(notice));
+                        sub.unchecked += 1;
+                        if sub.unchecked >= BACKLOG_CHECK_EVERY {
+                            sub.unchecked = 0;
+                            let depth = receiver.len();
+                            if depth * 2 >= capacity && !sub.warned {
+                                sub.warned = true;
+                                let age = clock::now_unix_nanos() - tick.event_time_unix_nanos;
+                                let age = Duration::from_nanos(age.max(0) as u64);
+                                let notice = backlog(&sub.symbol, depth, capacity, age);
+                                tracing::debug!(parent: &self.span, symbol = %notice.symbol, depth, "backlog warning");
+                                self.held = Some(tick);
+                                return Poll::Ready(Ok(Outbound::Message(notice)));
+                            }
+                            if depth * 4 < capacity {
+                                sub.warned = false;
+                            }
+                        }
+                        return Poll::Ready(Ok(self.deliver(tick)));
                     }
                     // The seq gap of the next tick reports the exact count.
                     Poll::Ready(Some(Err(RecvError::Overflowed(_)))) => continue,
                     // Closed cannot happen while this receiver is open; treat as idle.
                     Poll::Ready(Some(Err(RecvError::Closed)) | None) | Poll::Pending => break,
                 }
+            }
+        }
+        if let Some(due) = due {
+            let timer = self
+                .conflate_timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+            if timer.deadline() != due {
+                timer.as_mut().reset(due);
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                // Already due: come straight back.
+                cx.waker().wake_by_ref();
             }
         }
         self.fold();
@@ -448,10 +596,24 @@ impl Stream for Session {
             this.finish(reason);
             return Poll::Ready(Some(Err(status)));
         }
-        if let Some(msg) = this.control.pop_front() {
-            return Poll::Ready(Some(Ok(Outbound::Message(msg))));
+        if let Some(out) = this.control.pop_front() {
+            if let Outbound::Tick(tick) = &out {
+                // A replayed tick: counted like a live one.
+                this.local.delivered += 1;
+                if let Some(sub) = this.subs.iter_mut().find(|s| s.symbol == tick.symbol) {
+                    sub.last_seq = sub.last_seq.max(tick.seq);
+                }
+            }
+            return Poll::Ready(Some(Ok(out)));
         }
-        this.poll_ticks(cx).map(|out| Some(Ok(out)))
+        match this.poll_ticks(cx) {
+            Poll::Ready(Ok(out)) => Poll::Ready(Some(Ok(out))),
+            Poll::Ready(Err((reason, status))) => {
+                this.finish(reason);
+                Poll::Ready(Some(Err(status)))
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -467,16 +629,6 @@ fn control(kind: Kind, symbol: &str, detail: &str) -> TickerResponse {
         symbol: symbol.to_string(),
         kind: kind as i32,
         detail: detail.to_string(),
-        ..Default::default()
-    }
-}
-
-fn lagged(symbol: &str, dropped: u64) -> TickerResponse {
-    TickerResponse {
-        symbol: symbol.to_string(),
-        kind: Kind::Lagged as i32,
-        dropped,
-        detail: format!("stream fell behind: {dropped} oldest ticks of {symbol} dropped"),
         ..Default::default()
     }
 }
@@ -551,7 +703,7 @@ mod tests {
         s.subscribe("A");
         assert_eq!(
             kinds(&drain(&mut s)),
-            [(Kind::Subscribed, 0), (Kind::Snapshot, 1)]
+            [(Kind::Subscribed, 1), (Kind::Snapshot, 1)]
         );
         for i in 0..10 {
             hub.publish("A", 2.0 + f64::from(i), 0).unwrap();

@@ -1,0 +1,130 @@
+//! One subscription of a session: its delivery policy (ALL, CONFLATE, STRICT) parsed
+//! from the request, where its live ticks come from, and the in-band notices it can
+//! produce (lag, backlog warning, conflated ranges). `session` drives it.
+
+use std::{sync::Arc, time::Duration};
+
+use async_broadcast::Receiver;
+use tokio::time::Instant;
+
+use crate::{
+    conflator::{Conflator, Fold},
+    hub::{ResumePoint, Tick},
+    pb::{ticker_request::DeliveryPolicy, ticker_response::Kind, TickerRequest, TickerResponse},
+    symbol::Symbol,
+};
+
+/// Highest CONFLATE rate accepted, messages per second per symbol.
+pub const MAX_CONFLATE_HZ: f64 = 1000.0;
+
+/// Deliveries of one subscription between two looks at its backlog (a look takes the
+/// channel's lock, so it is not done per tick).
+pub const BACKLOG_CHECK_EVERY: u32 = 16;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Policy {
+    All,
+    Strict,
+    Conflate { every: Duration },
+}
+
+impl Policy {
+    /// The policy a request asks for, or why it is refused.
+    pub fn of(request: &TickerRequest) -> Result<Policy, String> {
+        match DeliveryPolicy::try_from(request.policy) {
+            Ok(DeliveryPolicy::All) => Ok(Policy::All),
+            Ok(DeliveryPolicy::Strict) => Ok(Policy::Strict),
+            Ok(DeliveryPolicy::Conflate) => {
+                let hz = request.max_rate_hz;
+                if !(hz.is_finite() && hz > 0.0 && hz <= MAX_CONFLATE_HZ) {
+                    return Err(format!(
+                        "DELIVERY_POLICY_CONFLATE needs max_rate_hz above 0 and at most {MAX_CONFLATE_HZ} (got {hz})"
+                    ));
+                }
+                Ok(Policy::Conflate {
+                    every: Duration::from_secs_f64(1.0 / hz),
+                })
+            }
+            Err(_) => Err(format!(
+                "unknown delivery policy {}: use DELIVERY_POLICY_ALL, _CONFLATE or _STRICT",
+                request.policy
+            )),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::All => "ALL",
+            Policy::Strict => "STRICT",
+            Policy::Conflate { .. } => "CONFLATE",
+        }
+    }
+}
+
+/// Where a resuming request left off, if it asks to resume.
+pub fn resume_point(request: &TickerRequest) -> Option<ResumePoint> {
+    (request.resume_from_seq != 0 || request.epoch != 0).then_some(ResumePoint {
+        epoch: request.epoch,
+        seq: request.resume_from_seq,
+    })
+}
+
+/// Live ticks of a subscription.
+pub enum Feed {
+    /// Every tick through the symbol's channel (ALL, STRICT).
+    Channel(Receiver<Arc<Tick>>),
+    /// Folded by the publisher; taken at most once per `every` (CONFLATE).
+    Conflate {
+        conflator: Arc<Conflator>,
+        every: Duration,
+        next_emit: Instant,
+    },
+}
+
+pub struct Sub {
+    pub symbol: Symbol,
+    pub policy: Policy,
+    pub feed: Feed,
+    /// Highest seq delivered (or announced by the snapshot) on this stream.
+    pub last_seq: u64,
+    /// Deliveries since the backlog was last looked at.
+    pub unchecked: u32,
+    /// A backlog warning went out and the backlog has not drained since.
+    pub warned: bool,
+}
+
+/// A conflated range as one message: the latest tick plus what it covers.
+pub fn conflated(fold: &Fold, last: &Tick) -> TickerResponse {
+    TickerResponse {
+        first_seq: fold.first_seq,
+        count: fold.count,
+        high: fold.high,
+        low: fold.low,
+        ..last.to_response(Kind::Tick)
+    }
+}
+
+pub fn lagged(symbol: &str, dropped: u64) -> TickerResponse {
+    TickerResponse {
+        symbol: symbol.to_string(),
+        kind: Kind::Lagged as i32,
+        dropped,
+        detail: format!("stream fell behind: {dropped} oldest ticks of {symbol} dropped"),
+        ..Default::default()
+    }
+}
+
+pub fn backlog(symbol: &str, depth: usize, capacity: usize, age: Duration) -> TickerResponse {
+    TickerResponse {
+        symbol: symbol.to_string(),
+        kind: Kind::Backlog as i32,
+        queue_depth: depth as u64,
+        queue_age_nanos: age.as_nanos() as u64,
+        detail: format!(
+            "falling behind on {symbol}: {depth} of {capacity} ticks queued, the oldest {} ms old; \
+             past {capacity} the oldest are dropped (STRICT: the stream ends)",
+            age.as_millis()
+        ),
+        ..Default::default()
+    }
+}
