@@ -6,7 +6,8 @@ use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::pb::{
-    ticker_request::Action, ticker_stream_service_client::TickerStreamServiceClient,
+    ticker_request::{Action, DeliveryPolicy},
+    ticker_stream_service_client::TickerStreamServiceClient,
     PublishRequest, TickerRequest,
 };
 
@@ -54,6 +55,26 @@ impl TickerRequest {
             action: Action::Unsubscribe as i32,
             ..TickerRequest::default()
         }
+    }
+
+    /// This subscribe, resuming after `seq` of `epoch` (the last tick this client saw).
+    pub fn resume(mut self, epoch: u64, seq: u64) -> TickerRequest {
+        self.epoch = epoch;
+        self.resume_from_seq = seq;
+        self
+    }
+
+    /// This subscribe with DELIVERY_POLICY_CONFLATE at most `max_rate_hz` messages/s.
+    pub fn conflate(mut self, max_rate_hz: f64) -> TickerRequest {
+        self.policy = DeliveryPolicy::Conflate as i32;
+        self.max_rate_hz = max_rate_hz;
+        self
+    }
+
+    /// This subscribe with DELIVERY_POLICY_STRICT: lossless, or the stream ends.
+    pub fn strict(mut self) -> TickerRequest {
+        self.policy = DeliveryPolicy::Strict as i32;
+        self
     }
 
     /// Replaces this stream's token (same subject) without touching subscriptions.

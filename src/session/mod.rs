@@ -738,6 +738,30 @@ mod tests {
     }
 
     #[test]
+    fn a_backlog_past_half_the_channel_is_announced_before_any_loss() {
+        let hub = Hub::new(HubConfig {
+            channel_capacity: 64,
+            ..HubConfig::default()
+        });
+        hub.publish("A", 1.0, 0).unwrap();
+        let mut s = session(&hub);
+        s.subscribe("A");
+        drain(&mut s);
+        for _ in 0..60 {
+            hub.publish("A", 1.0, 0).unwrap();
+        }
+        let msgs = drain(&mut s);
+        let warning = msgs
+            .iter()
+            .position(|m| m.kind() == Kind::Backlog)
+            .expect("a backlog warning");
+        assert_eq!(warning, BACKLOG_CHECK_EVERY as usize - 1, "at the first check");
+        assert_eq!(msgs[warning].queue_depth, 60 - u64::from(BACKLOG_CHECK_EVERY));
+        assert!(msgs.iter().all(|m| m.kind() != Kind::Lagged));
+        assert_eq!(msgs.len(), 61, "60 ticks and one warning");
+    }
+
+    #[test]
     fn round_robin_serves_every_symbol() {
         let hub = Hub::new(HubConfig::default());
         for s in ["A", "B"] {
