@@ -181,9 +181,10 @@ async fn publish_from_a_file_lands_in_subscribers() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn subscribe_reconnects_after_a_restart_and_reports_the_gap() {
-    let mut server = TestServer::start().await;
+/// Subscribes with the CLI, takes the server down while 4 ticks are published, brings
+/// it back on the same port and hub; returns the CLI and the new server.
+async fn outage(history_size: usize) -> (TickerCli, TestServer) {
+    let mut server = TestServer::with(|c| c.history_size = history_size).await;
     let (addr, hub) = (server.addr, server.hub.clone());
     let mut client = server.client().await;
     publish(&mut client, ticks("GAP", 1)).await;
@@ -201,6 +202,28 @@ async fn subscribe_reconnects_after_a_restart_and_reports_the_gap() {
     let server = TestServer::restart(addr, hub).await;
     cli.err_line("reconnected; resubscribing to 1 symbols")
         .await;
+    (cli, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_resumes_after_a_restart_without_losing_a_tick() {
+    let (mut cli, server) = outage(1024).await;
+    let resumed = cli.err_line("resumed GAP").await;
+    assert!(
+        resumed.contains("replays the 4 ticks published during the outage (seq 4 to 7)"),
+        "{resumed}"
+    );
+    for seq in 4..=7 {
+        cli.out_line(&format!("seq {seq} ")).await;
+    }
+    let mut client = server.client().await;
+    publish(&mut client, ticks("GAP", 1)).await;
+    cli.out_line("seq 8 ").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_reports_the_gap_when_the_outage_outlasts_the_history() {
+    let (mut cli, server) = outage(2).await;
     let gap = cli.err_line("gap on GAP").await;
     assert!(
         gap.contains("missed 3 ticks during the outage (last seen seq 3, now seq 7)"),

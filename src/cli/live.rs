@@ -72,6 +72,13 @@ pub enum Event {
     Reconnected {
         symbols: usize,
     },
+    /// After a reconnect the server replays the ticks after `last_seen` up to `seq`
+    /// from its history: nothing was lost.
+    Recovered {
+        symbol: String,
+        last_seen: u64,
+        seq: u64,
+    },
 }
 
 enum End {
@@ -84,6 +91,8 @@ struct Live {
     opts: ConnectOpts,
     wanted: BTreeSet<String>,
     last_seq: HashMap<String, u64>,
+    /// The epoch of each symbol's `last_seq`, for resuming and for noticing a restart.
+    epochs: HashMap<String, u64>,
     events: mpsc::Sender<Event>,
     commands: mpsc::Receiver<Command>,
     commands_open: bool,
@@ -144,6 +153,7 @@ pub async fn run(
         opts,
         wanted: symbols.into_iter().collect(),
         last_seq: HashMap::new(),
+        epochs: HashMap::new(),
         events,
         commands,
         commands_open: true,
@@ -215,7 +225,7 @@ impl Live {
         })?;
         let (tx, rx) = mpsc::channel(1024);
         for symbol in &self.wanted {
-            let _ = tx.try_send(TickerRequest::subscribe(symbol.clone()));
+            let _ = tx.try_send(self.resubscribe(symbol));
         }
         let mut stream = match client.ticker_stream(ReceiverStream::new(rx)).await {
             Ok(response) => response.into_inner(),
@@ -237,6 +247,7 @@ impl Live {
                     Some(Command::Remove(symbol)) => {
                         self.wanted.remove(&symbol);
                         self.last_seq.remove(&symbol);
+                        self.epochs.remove(&symbol);
                         let _ = tx.send(TickerRequest::unsubscribe(symbol)).await;
                     }
                     None => self.commands_open = false,
@@ -249,6 +260,16 @@ impl Live {
                     Err(status) => return Err(self.classify(&status)),
                 },
             }
+        }
+    }
+
+    /// A subscribe that resumes after the last tick seen, when one was seen: the
+    /// server replays what the outage cost if its history still holds it.
+    fn resubscribe(&self, symbol: &str) -> TickerRequest {
+        let request = TickerRequest::subscribe(symbol);
+        match (self.last_seq.get(symbol), self.epochs.get(symbol)) {
+            (Some(&seq), Some(&epoch)) if epoch != 0 => request.resume(epoch, seq),
+            _ => request,
         }
     }
 
@@ -277,10 +298,21 @@ impl Live {
             Kind::Tick | Kind::Snapshot => {
                 let snapshot = msg.kind() == Kind::Snapshot;
                 if let Some(&last_seen) = self.last_seq.get(&symbol) {
-                    if let Some(gap) = continuity(&symbol, last_seen, msg.seq, snapshot) {
+                    let same_epoch = self.epochs.get(&symbol).is_none_or(|&e| e == msg.epoch);
+                    let gap = if same_epoch {
+                        continuity(&symbol, last_seen, msg.seq, snapshot)
+                    } else {
+                        Some(Event::SequenceRestarted {
+                            symbol: symbol.clone(),
+                            last_seen,
+                            snapshot_seq: msg.seq,
+                        })
+                    };
+                    if let Some(gap) = gap {
                         self.emit(gap).await?;
                     }
                 }
+                self.epochs.insert(symbol.clone(), msg.epoch);
                 self.last_seq.insert(symbol, msg.seq);
                 if snapshot {
                     Event::Snapshot(msg)
@@ -288,7 +320,14 @@ impl Live {
                     Event::Tick(msg)
                 }
             }
-            Kind::Subscribed => Event::Subscribed(symbol),
+            Kind::Subscribed => match self.last_seq.get(&symbol) {
+                Some(&last_seen) if msg.recovered && msg.seq > last_seen => Event::Recovered {
+                    symbol,
+                    last_seen,
+                    seq: msg.seq,
+                },
+                _ => Event::Subscribed(symbol),
+            },
             Kind::Unsubscribed => Event::Unsubscribed(symbol),
             Kind::Rejected => {
                 // Not resubscribed after a reconnect: the server said no.

@@ -117,6 +117,11 @@ pub fn describe(event: &Event) -> String {
             format!("disconnected: {reason}; reconnecting in {:.1} s (attempt {attempt})", retry_in.as_secs_f64())
         }
         Event::Reconnected { symbols } => format!("reconnected; resubscribing to {symbols} symbols"),
+        Event::Recovered { symbol, last_seen, seq } => format!(
+            "resumed {symbol}: the server replays the {} ticks published during the outage (seq {} to {seq})",
+            seq - last_seen,
+            last_seen + 1
+        ),
     }
 }
 

@@ -755,8 +755,15 @@ mod tests {
             .iter()
             .position(|m| m.kind() == Kind::Backlog)
             .expect("a backlog warning");
-        assert_eq!(warning, BACKLOG_CHECK_EVERY as usize - 1, "at the first check");
-        assert_eq!(msgs[warning].queue_depth, 60 - u64::from(BACKLOG_CHECK_EVERY));
+        assert_eq!(
+            warning,
+            BACKLOG_CHECK_EVERY as usize - 1,
+            "at the first check"
+        );
+        assert_eq!(
+            msgs[warning].queue_depth,
+            60 - u64::from(BACKLOG_CHECK_EVERY)
+        );
         assert!(msgs.iter().all(|m| m.kind() != Kind::Lagged));
         assert_eq!(msgs.len(), 61, "60 ticks and one warning");
     }
