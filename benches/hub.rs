@@ -6,7 +6,7 @@ use std::{hint::black_box, time::Duration};
 use async_broadcast::Receiver;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::sync::Arc;
-use tickerd::hub::{Hub, HubConfig, Tick};
+use tickerd::hub::{Conflator, Delivery, Hub, HubConfig, Tick};
 
 fn hub() -> Hub {
     Hub::new(HubConfig {
@@ -61,6 +61,42 @@ fn many_symbols(c: &mut Criterion) {
     group.finish();
 }
 
+/// ALL subscribers' fan-out with and without CONFLATE subscribers on the same symbol:
+/// what folding for the conflating ones costs everyone else.
+fn all_with_conflating(c: &mut Criterion) {
+    let mut group = c.benchmark_group("all_100_with_conflating");
+    for conflating in [0usize, 10, 100] {
+        let hub = hub();
+        let mut rxs = receivers(&hub, "A", 100);
+        let conflators: Vec<Arc<Conflator>> = (0..conflating)
+            .map(|_| {
+                let c = Arc::new(Conflator::default());
+                hub.subscribe_with("A", None, Delivery::Conflate(&c))
+                    .unwrap();
+                c
+            })
+            .collect();
+        group.throughput(Throughput::Elements(100));
+        group.bench_with_input(
+            BenchmarkId::from_parameter(conflating),
+            &conflating,
+            |b, _| {
+                b.iter(|| {
+                    hub.publish("A", 2.0, 0).unwrap();
+                    for rx in &mut rxs {
+                        black_box(rx.try_recv().unwrap());
+                    }
+                })
+            },
+        );
+        // A conflating session takes its fold at its own rate; here, once per run.
+        for c in &conflators {
+            black_box(c.take());
+        }
+    }
+    group.finish();
+}
+
 fn publish_without_subscribers(c: &mut Criterion) {
     let mut group = c.benchmark_group("publish_no_subscriber");
     let hub = hub();
@@ -75,6 +111,6 @@ fn publish_without_subscribers(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
-    targets = fan_out_one_symbol, many_symbols, publish_without_subscribers
+    targets = fan_out_one_symbol, many_symbols, all_with_conflating, publish_without_subscribers
 }
 criterion_main!(benches);
