@@ -296,9 +296,14 @@ impl Hub {
                     .map_err(PublishError::SymbolLimit)?
             }
         };
-        let now = clock::now_unix_nanos();
-        let event_time = if event_time == 0 { now } else { event_time };
         let config = &self.shared.config;
+        // The clock is read only for a server stamp or the history's entry time.
+        let now = if event_time == 0 || config.history_size > 0 {
+            clock::now_unix_nanos()
+        } else {
+            0
+        };
+        let event_time = if event_time == 0 { now } else { event_time };
 
         let mut state = slot.lock();
         state.seq += 1;

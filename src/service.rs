@@ -4,13 +4,14 @@
 //! (streams) or the hub (Publish, GetQuotes). The server mounts it, and puts
 //! reflection behind the same `AuthGuard`.
 
-use std::{sync::Arc, time::SystemTime};
+use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 use tonic::{service::Interceptor, Request, Response, Status, Streaming};
 
 use crate::{
     auth::{Authenticator, Principal},
+    clock,
     hub::Hub,
     incoming::PeerInfo,
     metrics::{ended, Metrics, StreamTicket},
@@ -288,12 +289,7 @@ impl TickerStreamService for TickerService {
 /// Resolves when the principal's credentials expire; never for ones that do not.
 async fn expiry_of(principal: &Principal) {
     match principal.expires {
-        Some(at) => {
-            let left = at
-                .duration_since(SystemTime::now())
-                .unwrap_or(std::time::Duration::ZERO);
-            tokio::time::sleep(left).await;
-        }
+        Some(at) => tokio::time::sleep(clock::time_left(at)).await,
         None => std::future::pending().await,
     }
 }

@@ -597,12 +597,10 @@ impl Stream for Session {
             return Poll::Ready(Some(Err(status)));
         }
         if let Some(out) = this.control.pop_front() {
-            if let Outbound::Tick(tick) = &out {
-                // A replayed tick: counted like a live one.
+            // A replayed tick counts like a live one. Its subscription's `last_seq`
+            // already stands at the end of the replay.
+            if matches!(out, Outbound::Tick(_)) {
                 this.local.delivered += 1;
-                if let Some(sub) = this.subs.iter_mut().find(|s| s.symbol == tick.symbol) {
-                    sub.last_seq = sub.last_seq.max(tick.seq);
-                }
             }
             return Poll::Ready(Some(Ok(out)));
         }
@@ -619,9 +617,7 @@ impl Stream for Session {
 
 /// The tokio instant of a wall-clock time (now, if it has passed).
 fn instant_of(at: SystemTime) -> Instant {
-    Instant::now()
-        + at.duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO)
+    Instant::now() + clock::time_left(at)
 }
 
 fn control(kind: Kind, symbol: &str, detail: &str) -> TickerResponse {
