@@ -10,7 +10,7 @@ use std::{
     collections::VecDeque,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex, MutexGuard, Weak,
+        Arc, Mutex, MutexGuard,
     },
     time::Duration,
 };
@@ -20,7 +20,8 @@ use bytes::Bytes;
 use dashmap::{mapref::entry::Entry, DashMap};
 use prost::Message;
 
-pub use crate::conflator::Conflator;
+use crate::conflator::Conflation;
+pub use crate::conflator::{Conflator, Fold};
 use crate::{
     clock,
     pb::{ticker_response::Kind, TickerResponse},
@@ -104,12 +105,14 @@ pub enum SubscribeError {
 }
 
 /// A new subscription, made atomically with respect to `publish`: the live feed (a
-/// receiver, or a conflator registered with the symbol) starts right after `seq`, and
+/// receiver, or a conflator) starts right after `seq`, and
 /// either `replay` holds every tick after the resume point up to `seq` or `snapshot` is
 /// the last value. Nothing overlaps and nothing is left out.
 pub struct Subscription {
-    /// `None` when the ticks go to a conflator instead.
+    /// Live ticks, for `Delivery::Channel`.
     pub receiver: Option<Receiver<Arc<Tick>>>,
+    /// Live ranges, for `Delivery::Conflate`.
+    pub conflator: Option<Conflator>,
     pub snapshot: Option<Arc<Tick>>,
     /// `Some` when a resume was asked for and the history covers it (maybe empty).
     pub replay: Option<Vec<Arc<Tick>>>,
@@ -126,11 +129,12 @@ pub struct ResumePoint {
 }
 
 /// How a subscription receives live ticks.
-pub enum Delivery<'a> {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
     /// Each tick, through the symbol's bounded broadcast channel.
     Channel,
-    /// Folded by the publisher into the conflator, which never falls behind.
-    Conflate(&'a Arc<Conflator>),
+    /// Folded into ranges taken at the subscriber's pace; never falls behind.
+    Conflate,
 }
 
 /// Where a tick came from, for the accepted/rejected counters.
@@ -188,8 +192,8 @@ struct SymbolState {
     sender: Option<Sender<Arc<Tick>>>,
     /// The latest ticks (at most `history_size`) with the time each entered the hub.
     history: VecDeque<(i64, Arc<Tick>)>,
-    /// CONFLATE subscribers; a dropped session's entry is removed on the next tick.
-    conflators: Vec<Weak<Conflator>>,
+    /// Present while the symbol has CONFLATE subscribers; dropped like `sender`.
+    conflation: Option<Arc<Conflation>>,
 }
 
 impl SymbolSlot {
@@ -322,14 +326,12 @@ impl Hub {
             }
             state.history.push_back((now, Arc::clone(&tick)));
         }
-        if !state.conflators.is_empty() {
-            state.conflators.retain(|c| match c.upgrade() {
-                Some(c) => {
-                    c.add(&tick);
-                    true
-                }
-                None => false,
-            });
+        if let Some(conflation) = &state.conflation {
+            if conflation.is_used() {
+                conflation.add(&tick);
+            } else {
+                state.conflation = None;
+            }
         }
         if let Some(sender) = &state.sender {
             match sender.try_broadcast(tick) {
@@ -362,7 +364,7 @@ impl Hub {
         &self,
         symbol: &str,
         resume: Option<ResumePoint>,
-        delivery: Delivery<'_>,
+        delivery: Delivery,
     ) -> Result<Subscription, SubscribeError> {
         symbol::validate(symbol)?;
         let slot = match self.shared.symbols.get(symbol) {
@@ -373,26 +375,21 @@ impl Hub {
             None => return Err(SubscribeError::Unknown),
         };
         let mut state = slot.lock();
-        let receiver = match delivery {
-            Delivery::Conflate(conflator) => {
-                state.conflators.push(Arc::downgrade(conflator));
-                None
+        let state = &mut *state;
+        let (mut receiver, mut conflator) = (None, None);
+        match delivery {
+            Delivery::Conflate => {
+                let conflation = state
+                    .conflation
+                    .get_or_insert_with(|| Conflation::new(state.seq, state.last.clone()));
+                conflator = Some(conflation.join(state.seq));
             }
-            Delivery::Channel => Some(match &state.sender {
-                Some(sender) if !sender.is_closed() => sender.new_receiver(),
-                _ => {
-                    let (mut sender, receiver) =
-                        async_broadcast::broadcast(self.shared.config.channel_capacity.max(1));
-                    sender.set_overflow(true);
-                    sender.set_await_active(false);
-                    state.sender = Some(sender);
-                    receiver
-                }
-            }),
-        };
-        let replay = resume.and_then(|from| self.replay(&state, from));
+            Delivery::Channel => receiver = Some(self.receiver(state)),
+        }
+        let replay = resume.and_then(|from| self.replay(state, from));
         Ok(Subscription {
             receiver,
+            conflator,
             snapshot: if replay.is_some() {
                 None
             } else {
@@ -402,6 +399,21 @@ impl Hub {
             seq: state.seq,
             epoch: self.epoch(),
         })
+    }
+
+    /// A receiver on the symbol's channel, opening the channel if it is not open.
+    fn receiver(&self, state: &mut SymbolState) -> Receiver<Arc<Tick>> {
+        match &state.sender {
+            Some(sender) if !sender.is_closed() => sender.new_receiver(),
+            _ => {
+                let (mut sender, receiver) =
+                    async_broadcast::broadcast(self.shared.config.channel_capacity.max(1));
+                sender.set_overflow(true);
+                sender.set_await_active(false);
+                state.sender = Some(sender);
+                receiver
+            }
+        }
     }
 
     /// Every tick after `from`, if the history still holds them all (none expired).
@@ -485,6 +497,9 @@ impl Hub {
             {
                 state.sender = None;
                 pruned += 1;
+            }
+            if state.conflation.as_ref().is_some_and(|c| !c.is_used()) {
+                state.conflation = None;
             }
         }
         pruned

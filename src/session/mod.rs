@@ -33,7 +33,6 @@ use crate::{
     auth::{Authenticator, Principal},
     clock,
     codec::Outbound,
-    conflator::Conflator,
     hub::{Delivery, Hub, ResumePoint, SubscribeError, Tick},
     metrics::{ended, StreamTicket},
     pb::{ticker_request::Action, ticker_response::Kind, TickerRequest, TickerResponse},
@@ -271,13 +270,9 @@ impl Session {
             }
             None => (resume, String::new()),
         };
-        let conflator = match policy {
-            Policy::Conflate { .. } => Some(Arc::new(Conflator::default())),
-            _ => None,
-        };
-        let delivery = match &conflator {
-            Some(c) => Delivery::Conflate(c),
-            None => Delivery::Channel,
+        let delivery = match policy {
+            Policy::Conflate { .. } => Delivery::Conflate,
+            Policy::All | Policy::Strict => Delivery::Channel,
         };
         let sub = match self.hub.subscribe_with(symbol, resume, delivery) {
             Ok(sub) => sub,
@@ -287,14 +282,14 @@ impl Session {
                 | SubscribeError::Symbol(_)),
             ) => return self.reject(symbol, e.to_string()),
         };
-        let feed = match (sub.receiver, conflator, policy) {
+        let feed = match (sub.receiver, sub.conflator, policy) {
             (Some(receiver), _, _) => Feed::Channel(receiver),
             (None, Some(conflator), Policy::Conflate { every }) => Feed::Conflate {
                 conflator,
                 every,
                 next_emit: Instant::now(),
             },
-            // The hub returns no receiver only for a conflator.
+            // The hub returns what `delivery` asked for.
             (None, _, _) => return self.reject(symbol, "internal: no feed".into()),
         };
         self.subs.push(Sub {
@@ -327,14 +322,11 @@ impl Session {
 
     /// Ends `old`, queueing what it folded but did not send yet; returns the last seq
     /// this stream has been given of its symbol.
-    fn flush(&mut self, old: Sub) -> u64 {
-        if let Feed::Conflate { conflator, .. } = &old.feed {
+    fn flush(&mut self, mut old: Sub) -> u64 {
+        if let Feed::Conflate { conflator, .. } = &mut old.feed {
             if let Some(fold) = conflator.take() {
-                if let Some(last) = &fold.last {
-                    self.control
-                        .push_back(Outbound::Message(conflated(&fold, last)));
-                    return last.seq;
-                }
+                self.control.push_back(Outbound::Message(conflated(&fold)));
+                return fold.last.seq;
             }
         }
         old.last_seq
@@ -425,14 +417,11 @@ impl Session {
                     let Some(fold) = conflator.take() else {
                         continue;
                     };
-                    let Some(last) = fold.last.clone() else {
-                        continue;
-                    };
                     *next_emit = now + *every;
-                    sub.last_seq = last.seq;
+                    sub.last_seq = fold.last.seq;
                     self.cursor = idx + 1;
                     self.local.delivered += 1;
-                    return Poll::Ready(Ok(Outbound::Message(conflated(&fold, &last))));
+                    return Poll::Ready(Ok(Outbound::Message(conflated(&fold))));
                 }
             };
             loop {

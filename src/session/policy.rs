@@ -73,9 +73,9 @@ pub fn resume_point(request: &TickerRequest) -> Option<ResumePoint> {
 pub enum Feed {
     /// Every tick through the symbol's channel (ALL, STRICT).
     Channel(Receiver<Arc<Tick>>),
-    /// Folded by the publisher; taken at most once per `every` (CONFLATE).
+    /// Folded ranges, taken at most once per `every` (CONFLATE).
     Conflate {
-        conflator: Arc<Conflator>,
+        conflator: Conflator,
         every: Duration,
         next_emit: Instant,
     },
@@ -94,13 +94,13 @@ pub struct Sub {
 }
 
 /// A conflated range as one message: the latest tick plus what it covers.
-pub fn conflated(fold: &Fold, last: &Tick) -> TickerResponse {
+pub fn conflated(fold: &Fold) -> TickerResponse {
     TickerResponse {
         first_seq: fold.first_seq,
         count: fold.count,
         high: fold.high,
         low: fold.low,
-        ..last.to_response(Kind::Tick)
+        ..fold.last.to_response(Kind::Tick)
     }
 }
 
