@@ -134,7 +134,7 @@ impl Segments {
         let Some(segment) = self.segments.get_mut(&seq) else {
             return;
         };
-        segment.starts -= 1;
+        segment.starts = segment.starts.saturating_sub(1);
         if segment.starts > 0 {
             return;
         }
