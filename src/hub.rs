@@ -119,6 +119,21 @@ pub struct Subscription {
     /// The symbol's seq when the subscription was made.
     pub seq: u64,
     pub epoch: u64,
+    /// The symbol's seq from now on.
+    pub watch: SeqWatch,
+}
+
+/// The latest seq of one symbol, read without a lock: lets a session see that a
+/// subscription has nothing new without polling its receiver (which locks the
+/// channel's listener list, a cache line shared with the publisher and every other
+/// subscriber of the symbol).
+#[derive(Clone)]
+pub struct SeqWatch(Arc<SymbolSlot>);
+
+impl SeqWatch {
+    pub fn seq(&self) -> u64 {
+        self.0.published.load(Ordering::Acquire)
+    }
 }
 
 /// Where a resuming subscriber left off: the last seq it saw, in `epoch`.
@@ -180,6 +195,9 @@ struct Shared {
 
 struct SymbolSlot {
     symbol: Symbol,
+    /// `state.seq`, readable without the lock; stored before the tick is offered to
+    /// receivers, so a receiver woken for a tick always sees its seq here.
+    published: AtomicU64,
     state: Mutex<SymbolState>,
 }
 
@@ -312,6 +330,7 @@ impl Hub {
         let mut state = slot.lock();
         state.seq += 1;
         let seq = state.seq;
+        slot.published.store(seq, Ordering::Release);
         let tick = Arc::new(encode_tick(
             &slot.symbol,
             seq,
@@ -398,6 +417,7 @@ impl Hub {
             replay,
             seq: state.seq,
             epoch: self.epoch(),
+            watch: SeqWatch(Arc::clone(&slot)),
         })
     }
 
@@ -519,6 +539,7 @@ impl Hub {
             Entry::Vacant(e) => {
                 let slot = Arc::new(SymbolSlot {
                     symbol,
+                    published: AtomicU64::new(0),
                     state: Mutex::default(),
                 });
                 e.insert(Arc::clone(&slot));

@@ -19,7 +19,7 @@ use std::{
     future::Future as _,
     pin::Pin,
     sync::{atomic::Ordering, Arc},
-    task::{Context, Poll},
+    task::{Context, Poll, Waker},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -75,6 +75,8 @@ pub struct Session {
     conflate_timer: Option<Pin<Box<Sleep>>>,
     /// A tick held back while the KIND_LAGGED notice for its gap goes first.
     held: Option<Arc<Tick>>,
+    /// The waker the subscriptions' receivers last registered (see `Sub::armed`).
+    armed_waker: Option<Waker>,
     /// Round-robin start, so one busy symbol cannot starve the others.
     cursor: usize,
     shutdown: Shutdown,
@@ -139,6 +141,7 @@ impl Session {
             control: VecDeque::new(),
             conflate_timer: None,
             held: None,
+            armed_waker: None,
             cursor: 0,
             shutdown,
             shutdown_wake,
@@ -297,6 +300,8 @@ impl Session {
             policy,
             feed,
             last_seq: sub.seq,
+            watch: sub.watch,
+            armed: false,
             unchecked: 0,
             warned: false,
         });
@@ -392,11 +397,20 @@ impl Session {
     fn poll_ticks(&mut self, cx: &mut Context<'_>) -> Poll<Result<Outbound, Ending>> {
         let n = self.subs.len();
         let capacity = self.hub.config().channel_capacity.max(1);
+        if !self
+            .armed_waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            self.subs.iter_mut().for_each(|s| s.armed = false);
+            self.armed_waker = Some(cx.waker().clone());
+        }
         let mut due: Option<Instant> = None;
         for i in 0..n {
             let idx = (self.cursor + i) % n;
             let sub = &mut self.subs[idx];
             let receiver = match &mut sub.feed {
+                Feed::Channel(_) if sub.armed && sub.watch.seq() <= sub.last_seq => continue,
                 Feed::Channel(receiver) => receiver,
                 Feed::Conflate {
                     conflator,
@@ -427,6 +441,7 @@ impl Session {
             loop {
                 match Pin::new(&mut *receiver).poll_recv(cx) {
                     Poll::Ready(Some(Ok(tick))) => {
+                        sub.armed = false;
                         // At or below what the snapshot already showed: skip.
                         if tick.seq <= sub.last_seq {
                             continue;
@@ -474,7 +489,11 @@ impl Session {
                     // The seq gap of the next tick reports the exact count.
                     Poll::Ready(Some(Err(RecvError::Overflowed(_)))) => continue,
                     // Closed cannot happen while this receiver is open; treat as idle.
-                    Poll::Ready(Some(Err(RecvError::Closed)) | None) | Poll::Pending => break,
+                    Poll::Ready(Some(Err(RecvError::Closed)) | None) => break,
+                    Poll::Pending => {
+                        sub.armed = true;
+                        break;
+                    }
                 }
             }
         }
@@ -528,7 +547,7 @@ impl Session {
             let behind: u64 = self
                 .subs
                 .iter()
-                .map(|s| self.hub.seq(&s.symbol).saturating_sub(s.last_seq))
+                .map(|s| s.watch.seq().saturating_sub(s.last_seq))
                 .sum();
             info.behind.store(behind, Ordering::Relaxed);
         }

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use crate::{
     conflator::{Conflator, Fold},
-    hub::{ResumePoint, Tick},
+    hub::{ResumePoint, SeqWatch, Tick},
     pb::{ticker_request::DeliveryPolicy, ticker_response::Kind, TickerRequest, TickerResponse},
     symbol::Symbol,
 };
@@ -85,6 +85,11 @@ pub struct Sub {
     pub symbol: Symbol,
     pub policy: Policy,
     pub feed: Feed,
+    pub watch: SeqWatch,
+    /// The channel's last poll returned `Pending` (with the session's current waker):
+    /// its listener stays registered, so while `watch` shows nothing after `last_seq`
+    /// another poll would only return `Pending` again.
+    pub armed: bool,
     /// Highest seq delivered (or announced by the snapshot) on this stream.
     pub last_seq: u64,
     /// Deliveries since the backlog was last looked at.
