@@ -173,14 +173,7 @@ pub struct ServerIo {
     transport: Transport,
     peer: PeerInfo,
     metrics: Metrics,
-    /// To see whether the runtime is backed up (see `defer_write`).
-    runtime: Option<tokio::runtime::RuntimeMetrics>,
-    /// This flush's first write was put off once already.
-    write_deferred: bool,
 }
-
-/// Writes this small go out after one trip through the runtime's queue (`defer_write`).
-const SMALL_WRITE: usize = 1024;
 
 impl ServerIo {
     fn new(transport: Transport, peer: PeerInfo, metrics: &Metrics) -> ServerIo {
@@ -189,35 +182,7 @@ impl ServerIo {
             transport,
             peer,
             metrics: metrics.clone(),
-            runtime: tokio::runtime::Handle::try_current()
-                .ok()
-                .map(|h| h.metrics()),
-            write_deferred: false,
         }
-    }
-
-    /// Whether to put off a write by one trip through the runtime's queue. A burst of
-    /// ticks wakes many sessions at once, each adding a frame for its connection;
-    /// tokio runs a woken task next, so the connection task woken by the first of them
-    /// would write that one small frame alone. Put off once, it finds the frames of
-    /// every session queued before it and sends them in one `writev` (on loopback a
-    /// write costs microseconds of kernel time whatever its size). Not when the write
-    /// is already large, nor when tasks overflow into the global queue: then the
-    /// trip would be long (measured: hot-symbol p99 latency doubled).
-    fn defer_write(&mut self, cx: &mut Context<'_>, len: usize) -> bool {
-        if self.write_deferred || len >= SMALL_WRITE {
-            return false;
-        }
-        if self
-            .runtime
-            .as_ref()
-            .is_none_or(|r| r.global_queue_depth() > 0)
-        {
-            return false;
-        }
-        self.write_deferred = true;
-        cx.waker().wake_by_ref();
-        true
     }
 }
 
@@ -253,11 +218,7 @@ impl AsyncWrite for ServerIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if this.defer_write(cx, buf.len()) {
-            return Poll::Pending;
-        }
-        match &mut this.transport {
+        match &mut self.get_mut().transport {
             Transport::Plain(io) => Pin::new(io).poll_write(cx, buf),
             Transport::Tls(io) => Pin::new(io.as_mut()).poll_write(cx, buf),
         }
@@ -268,11 +229,7 @@ impl AsyncWrite for ServerIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if this.defer_write(cx, bufs.iter().map(|b| b.len()).sum()) {
-            return Poll::Pending;
-        }
-        match &mut this.transport {
+        match &mut self.get_mut().transport {
             Transport::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
             Transport::Tls(io) => Pin::new(io.as_mut()).poll_write_vectored(cx, bufs),
         }
@@ -286,15 +243,10 @@ impl AsyncWrite for ServerIo {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let flushed = match &mut this.transport {
+        match &mut self.get_mut().transport {
             Transport::Plain(io) => Pin::new(io).poll_flush(cx),
             Transport::Tls(io) => Pin::new(io.as_mut()).poll_flush(cx),
-        };
-        if flushed.is_ready() {
-            this.write_deferred = false;
         }
-        flushed
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
