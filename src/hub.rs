@@ -470,11 +470,10 @@ impl Hub {
 
     /// The seq of `symbol`'s latest tick (0 if unknown or never ticked).
     pub fn seq(&self, symbol: &str) -> u64 {
-        let Some(slot) = self.shared.symbols.get(symbol).map(|s| Arc::clone(&s)) else {
-            return 0;
-        };
-        let seq = slot.lock().seq;
-        seq
+        self.shared
+            .symbols
+            .get(symbol)
+            .map_or(0, |slot| slot.published.load(Ordering::Acquire))
     }
 
     /// (symbol, seq, open receivers) of every known symbol, for per-symbol metrics.
