@@ -95,6 +95,15 @@ pub struct Config {
     #[arg(long, env = "TICKERD_MAX_STREAMS", default_value_t = 20_000)]
     pub max_streams: usize,
 
+    /// Threads serving connections. Each runs a single-threaded runtime and serves
+    /// whole connections, handed out in turn as they are accepted, so a connection's
+    /// streams and its socket stay on one thread and a burst of ticks leaves in one
+    /// write per connection. 1 (the default) uses the least CPU per delivered tick;
+    /// raise it when one core is not enough (README, "Performance").
+    #[arg(long, env = "TICKERD_IO_THREADS", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub io_threads: u16,
+
     /// HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: streams one connection may open at once.
     #[arg(long, env = "TICKERD_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
     pub max_concurrent_streams: u32,

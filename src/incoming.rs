@@ -2,7 +2,8 @@
 //! bound (a client that connects and sends nothing is dropped, and never holds up
 //! other handshakes), the peer's address and client-certificate subject for the
 //! service, and the open-connection count. `server` hands this stream to tonic; `tls`
-//! supplies the current certificates.
+//! supplies the current certificates; `shards` runs one per extra I/O thread, fed the
+//! sockets the listening one passes on.
 
 use std::{
     future::Future,
@@ -19,6 +20,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
+    sync::mpsc,
     time::{Sleep, Timeout},
 };
 use tokio_rustls::{server::TlsStream, Accept};
@@ -42,9 +44,26 @@ pub struct IncomingOptions {
     pub tls: Option<(Tls, Duration)>,
 }
 
+/// A socket accepted on the listening thread for another I/O thread. It travels as a
+/// std socket so that it registers with the reactor of the thread that serves it.
+pub type HandOff = (std::net::TcpStream, SocketAddr);
+
+/// Where connections come from.
+enum Source {
+    /// Accepts itself, keeping every `1 + others.len()`-th connection and passing the
+    /// rest on, in turn, to the other I/O threads.
+    Listener {
+        listener: TcpListener,
+        others: Vec<mpsc::UnboundedSender<HandOff>>,
+        turn: usize,
+    },
+    /// Takes what the listening thread passes on.
+    HandedOff(mpsc::UnboundedReceiver<HandOff>),
+}
+
 /// The accepted connections, ready for HTTP/2. Dropping it closes the listener.
 pub struct Incoming {
-    listener: TcpListener,
+    source: Source,
     options: IncomingOptions,
     metrics: Metrics,
     handshakes: FuturesUnordered<Handshake>,
@@ -55,8 +74,37 @@ pub struct Incoming {
 
 impl Incoming {
     pub fn new(listener: TcpListener, options: IncomingOptions, metrics: Metrics) -> Incoming {
+        Incoming::with_source(
+            Source::Listener {
+                listener,
+                others: Vec::new(),
+                turn: 0,
+            },
+            options,
+            metrics,
+        )
+    }
+
+    /// The connections the listening thread passes on through `handed_off`.
+    pub fn handed_off(
+        handed_off: mpsc::UnboundedReceiver<HandOff>,
+        options: IncomingOptions,
+        metrics: Metrics,
+    ) -> Incoming {
+        Incoming::with_source(Source::HandedOff(handed_off), options, metrics)
+    }
+
+    /// Shares the accepted connections with `others` (round robin, this one first).
+    pub fn share_with(mut self, others: Vec<mpsc::UnboundedSender<HandOff>>) -> Incoming {
+        if let Source::Listener { others: o, .. } = &mut self.source {
+            *o = others;
+        }
+        self
+    }
+
+    fn with_source(source: Source, options: IncomingOptions, metrics: Metrics) -> Incoming {
         Incoming {
-            listener,
+            source,
             options,
             metrics,
             handshakes: FuturesUnordered::new(),
@@ -75,41 +123,82 @@ impl Incoming {
     }
 }
 
+impl Incoming {
+    /// The next connection this thread serves, if one is ready.
+    fn poll_accept(&mut self, cx: &mut Context<'_>) -> Option<(TcpStream, SocketAddr)> {
+        loop {
+            if let Some(pause) = self.pause.as_mut() {
+                if pause.as_mut().poll(cx).is_pending() {
+                    return None;
+                }
+                self.pause = None;
+            }
+            match &mut self.source {
+                Source::HandedOff(handed_off) => {
+                    let (std, addr) = match handed_off.poll_recv(cx) {
+                        Poll::Ready(Some(handed)) => handed,
+                        // Closed: the listening thread stopped accepting.
+                        Poll::Ready(None) | Poll::Pending => return None,
+                    };
+                    match TcpStream::from_std(std) {
+                        Ok(tcp) => return Some((tcp, addr)),
+                        Err(e) => {
+                            tracing::warn!(peer = %addr, error = %e, "cannot register a connection; dropped")
+                        }
+                    }
+                }
+                Source::Listener {
+                    listener,
+                    others,
+                    turn,
+                } => match listener.poll_accept(cx) {
+                    Poll::Ready(Ok((tcp, addr))) => {
+                        *turn = (*turn + 1) % (others.len() + 1);
+                        let Some(other) = turn.checked_sub(1).and_then(|i| others.get(i)) else {
+                            return Some((tcp, addr));
+                        };
+                        match tcp.into_std() {
+                            Ok(std) => {
+                                if other.send((std, addr)).is_err() {
+                                    tracing::warn!(peer = %addr, "I/O thread gone; connection dropped");
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(peer = %addr, error = %e, "cannot hand a connection over; dropped")
+                            }
+                        }
+                    }
+                    Poll::Ready(Err(e)) => {
+                        tracing::warn!(error = %e, "accept failed; pausing accepts for 100ms");
+                        self.pause = Some(Box::pin(tokio::time::sleep(Duration::from_millis(100))));
+                    }
+                    Poll::Pending => return None,
+                },
+            }
+        }
+    }
+}
+
 impl Stream for Incoming {
     type Item = io::Result<ServerIo>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
-        loop {
-            if let Some(pause) = this.pause.as_mut() {
-                if pause.as_mut().poll(cx).is_pending() {
-                    break;
+        while let Some((tcp, addr)) = this.poll_accept(cx) {
+            this.configure(&tcp);
+            match &this.options.tls {
+                None => {
+                    let peer = PeerInfo {
+                        addr: Some(addr),
+                        client_subject: None,
+                    };
+                    let io = ServerIo::new(Transport::Plain(tcp), peer, &this.metrics);
+                    return Poll::Ready(Some(Ok(io)));
                 }
-                this.pause = None;
-            }
-            match this.listener.poll_accept(cx) {
-                Poll::Ready(Ok((tcp, addr))) => {
-                    this.configure(&tcp);
-                    match &this.options.tls {
-                        None => {
-                            let peer = PeerInfo {
-                                addr: Some(addr),
-                                client_subject: None,
-                            };
-                            let io = ServerIo::new(Transport::Plain(tcp), peer, &this.metrics);
-                            return Poll::Ready(Some(Ok(io)));
-                        }
-                        Some((tls, bound)) => this.handshakes.push(Handshake {
-                            addr,
-                            accept: tokio::time::timeout(*bound, tls.acceptor().accept(tcp)),
-                        }),
-                    }
-                }
-                Poll::Ready(Err(e)) => {
-                    tracing::warn!(error = %e, "accept failed; pausing accepts for 100ms");
-                    this.pause = Some(Box::pin(tokio::time::sleep(Duration::from_millis(100))));
-                }
-                Poll::Pending => break,
+                Some((tls, bound)) => this.handshakes.push(Handshake {
+                    addr,
+                    accept: tokio::time::timeout(*bound, tls.acceptor().accept(tcp)),
+                }),
             }
         }
         while let Poll::Ready(Some((addr, outcome))) = this.handshakes.poll_next_unpin(cx) {
@@ -235,11 +324,15 @@ impl AsyncWrite for ServerIo {
         }
     }
 
+    /// Deliberately not vectored. h2 copies a DATA frame into its 16 KiB write buffer
+    /// only below a threshold (256 bytes with vectored writes, 1024 without); a larger
+    /// frame is chained and flushed on its own, one syscall per frame. A stream's
+    /// batch of ticks is often 300-1000 bytes, so with the vectored threshold each
+    /// stream's frame cost a write; below 1024 the frames of every stream of the
+    /// connection leave together (README, "Performance": writes and CPU per delivery
+    /// roughly halved).
     fn is_write_vectored(&self) -> bool {
-        match &self.transport {
-            Transport::Plain(io) => io.is_write_vectored(),
-            Transport::Tls(io) => io.is_write_vectored(),
-        }
+        false
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

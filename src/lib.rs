@@ -24,6 +24,7 @@ pub mod observe;
 pub mod server;
 pub mod service;
 pub mod session;
+pub mod shards;
 pub mod shutdown;
 pub mod symbol;
 pub mod telemetry;

@@ -5,7 +5,7 @@
 
 use std::{future::Future, io, path::PathBuf, time::Duration};
 
-use tokio::{net::TcpListener, sync::oneshot};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic_health::ServingStatus;
@@ -22,6 +22,7 @@ use crate::{
     pb::{self, ticker_stream_service_server::TickerStreamServiceServer},
     service::{ServiceLimits, TickerService},
     session::SessionLimits,
+    shards::{ShardError, Shards},
     shutdown::Shutdown,
     symbol::{self, Symbol},
     tls::{Tls, TlsError},
@@ -48,6 +49,10 @@ pub enum ServerError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("serving failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("cannot start an I/O thread: {0}")]
+    IoThread(io::Error),
+    #[error(transparent)]
+    Shard(#[from] ShardError),
 }
 
 /// A configured server, not yet serving.
@@ -265,8 +270,7 @@ impl Server {
             tcp_keepalive: config.tcp_keepalive,
             tls: tls.map(|tls| (tls, config.tls_handshake_timeout)),
         };
-        let incoming = Incoming::new(listener, options, metrics.clone());
-        let (stop_accepting, stopped) = oneshot::channel::<()>();
+        let stop_accepting = CancellationToken::new();
         let mut builder = tonic::transport::Server::builder();
         if let Some(age) = config.max_connection_age {
             let jitter = config.max_connection_age_jitter.clamp(0.0, 0.9);
@@ -279,7 +283,7 @@ impl Server {
                 .max_connection_age(age)
                 .max_connection_age_grace(config.max_connection_age_grace);
         }
-        let serving = builder
+        let router = builder
             .max_concurrent_streams(config.max_concurrent_streams)
             .http2_max_pending_accept_reset_streams(Some(
                 config.http2_max_pending_accept_reset_streams,
@@ -293,16 +297,33 @@ impl Server {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(ticker)
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = stopped.await;
-            });
+            .add_service(ticker);
+        let others = usize::from(config.io_threads) - 1;
+        let mut shards = Shards::start(others, &options, &metrics, &stop_accepting, {
+            let router = router.clone();
+            move |incoming, stopping| {
+                router
+                    .clone()
+                    .serve_with_incoming_shutdown(incoming, stopping)
+            }
+        })
+        .map_err(ServerError::IoThread)?;
+        let incoming =
+            Incoming::new(listener, options, metrics.clone()).share_with(shards.hand_offs());
+        let serving = async {
+            router
+                .serve_with_incoming_shutdown(incoming, stop_accepting.clone().cancelled_owned())
+                .await?;
+            // Only a stop ends this thread's serving without an error; the others follow.
+            shards.join().await?;
+            Ok::<(), ServerError>(())
+        };
         tokio::pin!(serving);
 
         tokio::select! {
             result = &mut serving => {
                 shutdown.trigger();
-                return result.map_err(ServerError::from);
+                return result;
             }
             _ = signal => {}
         }
@@ -318,7 +339,7 @@ impl Server {
             .set_service_status("", ServingStatus::NotServing)
             .await;
         shutdown.trigger();
-        let _ = stop_accepting.send(());
+        stop_accepting.cancel();
         if let Some(task) = feed_task {
             task.abort();
         }

@@ -178,7 +178,39 @@ async fn the_simulator_ticks_its_symbols() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drains_streams_even_with_a_stalled_client() {
-    let mut server = TestServer::start().await;
+    drains_with_a_stalled_client(1).await;
+}
+
+/// The streams and the stalled client sit on the second I/O thread (connections are
+/// handed out in turn: 1st to the second thread, 2nd to the listening one, ...).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_streams_on_every_io_thread() {
+    drains_with_a_stalled_client(2).await;
+}
+
+#[tokio::test]
+async fn connections_spread_over_io_threads_each_get_every_tick() {
+    let server = TestServer::with(|c| c.io_threads = 3).await;
+    let mut publisher = server.client().await;
+    publish(&mut publisher, ticks("SPREAD", 1)).await;
+    let mut streams = Vec::new();
+    for _ in 0..6 {
+        let mut stream = Stream::open(&mut server.client().await).await;
+        stream.subscribed("SPREAD").await;
+        stream.expect(Kind::Snapshot, "SPREAD").await;
+        streams.push(stream);
+    }
+    publish(&mut publisher, ticks("SPREAD", 200)).await;
+    for stream in &mut streams {
+        for seq in 2..=201 {
+            let tick = stream.expect(Kind::Tick, "SPREAD").await;
+            assert_eq!(tick.seq, seq);
+        }
+    }
+}
+
+async fn drains_with_a_stalled_client(io_threads: u16) {
+    let mut server = TestServer::with(|c| c.io_threads = io_threads).await;
     let mut client = server.client().await;
     publish(&mut client, ticks("BYE", 1)).await;
     let channel = server.channel().await;

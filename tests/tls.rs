@@ -46,7 +46,12 @@ async fn tls_serves_trusting_clients_and_plaintext_fails() {
 #[tokio::test]
 async fn mtls_accepts_only_valid_client_certificates_and_names_the_caller() {
     let keys = Keys::new();
-    let server = TestServer::with(|c| keys.tls(c, true)).await;
+    // Two I/O threads: the handshakes, failed and good, happen on both.
+    let server = TestServer::with(|c| {
+        keys.tls(c, true);
+        c.io_threads = 2;
+    })
+    .await;
     let url = server.url();
 
     assert!(

@@ -6,9 +6,22 @@ use std::process::ExitCode;
 use clap::Parser;
 use tickerd::{config::Config, server::Server, telemetry};
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    let config = Config::parse();
+fn main() -> ExitCode {
+    // Single-threaded: this thread is the first of --io-threads; the server starts the
+    // others. One thread keeps a connection's wake-ups in order, so its ticks batch.
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(run(Config::parse())),
+        Err(e) => {
+            eprintln!("tickerd: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> ExitCode {
     let _telemetry = telemetry::init(config.log_format);
     if let Err(e) = config.check_exposure() {
         tracing::error!("cannot start: {e}");
