@@ -10,8 +10,10 @@
 //! for a STRICT subscription, ends the stream. A backlog past half the channel is
 //! announced first (KIND_BACKLOG). CONFLATE subscriptions never fall behind: the hub
 //! folds their ticks (`conflator`) and the session takes the fold at their rate.
-//! `policy` holds the per-subscription parts.
+//! `policy` holds the per-subscription parts; `doorbell` says when the requests need a
+//! poll.
 
+mod doorbell;
 mod policy;
 
 use std::{
@@ -19,7 +21,7 @@ use std::{
     future::Future as _,
     pin::Pin,
     sync::{atomic::Ordering, Arc},
-    task::{Context, Poll, Waker},
+    task::{Context, Poll},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -40,6 +42,7 @@ use crate::{
     symbol::{self, Symbol},
 };
 
+use doorbell::Doorbell;
 use policy::{backlog, conflated, lagged, resume_point, Feed, Sub, BACKLOG_CHECK_EVERY};
 pub use policy::{Policy, MAX_CONFLATE_HZ};
 
@@ -68,6 +71,8 @@ pub struct Session {
     limits: SessionLimits,
     /// The client's requests (TickerStream); `None` for Subscribe or after half-close.
     requests: Option<Streaming<TickerRequest>>,
+    /// Rings when `requests` may have something new.
+    requests_bell: Doorbell,
     subs: Vec<Sub>,
     /// Replies and replayed ticks, ahead of live ticks.
     control: VecDeque<Outbound>,
@@ -75,8 +80,6 @@ pub struct Session {
     conflate_timer: Option<Pin<Box<Sleep>>>,
     /// A tick held back while the KIND_LAGGED notice for its gap goes first.
     held: Option<Arc<Tick>>,
-    /// The waker the subscriptions' receivers last registered (see `Sub::armed`).
-    armed_waker: Option<Waker>,
     /// Round-robin start, so one busy symbol cannot starve the others.
     cursor: usize,
     shutdown: Shutdown,
@@ -137,11 +140,11 @@ impl Session {
             hub,
             limits,
             requests,
+            requests_bell: Doorbell::new(),
             subs: Vec::new(),
             control: VecDeque::new(),
             conflate_timer: None,
             held: None,
-            armed_waker: None,
             cursor: 0,
             shutdown,
             shutdown_wake,
@@ -301,7 +304,6 @@ impl Session {
             feed,
             last_seq: sub.seq,
             watch: sub.watch,
-            armed: false,
             unchecked: 0,
             warned: false,
         });
@@ -375,12 +377,19 @@ impl Session {
     }
 
     /// Reads requests while the reply queue has room. `Err` ends the stream.
-    fn poll_requests(&mut self, cx: &mut Context<'_>) -> Result<(), Ending> {
+    fn poll_requests(&mut self, cx: &Context<'_>) -> Result<(), Ending> {
+        if self.requests.is_none() {
+            return Ok(());
+        }
+        let Some(waker) = self.requests_bell.answer(cx) else {
+            return Ok(());
+        };
+        let mut cx = Context::from_waker(&waker);
         while self.control.len() < CONTROL_QUEUE_LIMIT {
             let Some(requests) = self.requests.as_mut() else {
                 return Ok(());
             };
-            match Pin::new(requests).poll_next(cx) {
+            match Pin::new(requests).poll_next(&mut cx) {
                 Poll::Ready(Some(Ok(request))) => self.apply(request)?,
                 Poll::Ready(Some(Err(status))) => return Err((ended::CLIENT_ERROR, status)),
                 // Half-close: the client sends no more, but ticks keep flowing.
@@ -388,6 +397,7 @@ impl Session {
                 Poll::Pending => return Ok(()),
             }
         }
+        self.requests_bell.ring();
         Ok(())
     }
 
@@ -397,20 +407,11 @@ impl Session {
     fn poll_ticks(&mut self, cx: &mut Context<'_>) -> Poll<Result<Outbound, Ending>> {
         let n = self.subs.len();
         let capacity = self.hub.config().channel_capacity.max(1);
-        if !self
-            .armed_waker
-            .as_ref()
-            .is_some_and(|w| w.will_wake(cx.waker()))
-        {
-            self.subs.iter_mut().for_each(|s| s.armed = false);
-            self.armed_waker = Some(cx.waker().clone());
-        }
         let mut due: Option<Instant> = None;
         for i in 0..n {
             let idx = (self.cursor + i) % n;
             let sub = &mut self.subs[idx];
             let receiver = match &mut sub.feed {
-                Feed::Channel(_) if sub.armed && sub.watch.seq() <= sub.last_seq => continue,
                 Feed::Channel(receiver) => receiver,
                 Feed::Conflate {
                     conflator,
@@ -441,7 +442,6 @@ impl Session {
             loop {
                 match Pin::new(&mut *receiver).poll_recv(cx) {
                     Poll::Ready(Some(Ok(tick))) => {
-                        sub.armed = false;
                         // At or below what the snapshot already showed: skip.
                         if tick.seq <= sub.last_seq {
                             continue;
@@ -490,10 +490,7 @@ impl Session {
                     Poll::Ready(Some(Err(RecvError::Overflowed(_)))) => continue,
                     // Closed cannot happen while this receiver is open; treat as idle.
                     Poll::Ready(Some(Err(RecvError::Closed)) | None) => break,
-                    Poll::Pending => {
-                        sub.armed = true;
-                        break;
-                    }
+                    Poll::Pending => break,
                 }
             }
         }

@@ -85,11 +85,10 @@ pub struct Sub {
     pub symbol: Symbol,
     pub policy: Policy,
     pub feed: Feed,
+    /// The symbol's latest seq, for how far behind this stream is. (It once let a
+    /// session skip polling a receiver that showed nothing new; that lost wake-ups
+    /// under a race, see README "Performance", and was removed.)
     pub watch: SeqWatch,
-    /// The channel's last poll returned `Pending` (with the session's current waker):
-    /// its listener stays registered, so while `watch` shows nothing after `last_seq`
-    /// another poll would only return `Pending` again.
-    pub armed: bool,
     /// Highest seq delivered (or announced by the snapshot) on this stream.
     pub last_seq: u64,
     /// Deliveries since the backlog was last looked at.
