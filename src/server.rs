@@ -1,7 +1,7 @@
 //! The server: builds the hub, the feed and the service from a `Config`, serves them with
 //! health and reflection under explicit HTTP/2 limits on a listener the caller bound
-//! (with TLS when configured: `incoming`, `tls`), and drains on the caller's shutdown
-//! future. The `tickerd` binary is a thin wrapper.
+//! (with TLS when configured: `incoming`, `tls`; on `--io-threads` threads: `shards`),
+//! and drains on the caller's shutdown future. The `tickerd` binary is a thin wrapper.
 
 use std::{future::Future, io, path::PathBuf, time::Duration};
 
