@@ -17,8 +17,9 @@ use std::{
     time::Duration,
 };
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use futures_util::{stream, StreamExt};
+use rand::{rngs::SmallRng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -42,10 +43,17 @@ pub struct Options {
     /// Subscribing TickerStreams.
     #[arg(long, default_value_t = 1000)]
     pub streams: usize,
-    /// Symbols each stream subscribes to (consecutive, wrapping, so every symbol gets
-    /// the same number of subscribers).
+    /// Symbols each stream subscribes to (distinct; which ones: --layout).
     #[arg(long, default_value_t = 10)]
     pub subs_per_stream: usize,
+    /// How streams pick their symbols. `random`: a seeded random set per stream, so the
+    /// streams sharing a connection want different symbols, as a desk's would.
+    /// `blocks`: consecutive symbols from stream index × --subs-per-stream (every symbol
+    /// gets the same count); with the default shape every stream of a connection then
+    /// wants the same 10 symbols, so each write carries a whole connection's ticks (the
+    /// layout of the figures before 2026-11-25, kept to compare with them).
+    #[arg(long, value_enum, default_value_t = Layout::Random)]
+    pub layout: Layout,
     /// Symbols published (named B000, B001, ...; published once before the run so the
     /// server knows them).
     #[arg(long, default_value_t = 100)]
@@ -280,6 +288,13 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
     })
 }
 
+/// How streams pick their symbols (`--layout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Layout {
+    Random,
+    Blocks,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn open_fleet(
     opts: &Options,
@@ -294,10 +309,20 @@ async fn open_fleet(
     let subs_per_stream = opts.subs_per_stream.max(1);
     let mut subscribers = vec![0u64; symbols.len()];
     let mut plans = Vec::new();
+    // Fixed seed: the same flags give the same subscriptions, run after run.
+    let mut rng = SmallRng::seed_from_u64(1);
     for j in 0..opts.streams {
-        let indices: Vec<usize> = (0..subs_per_stream)
-            .map(|k| (j * subs_per_stream + k) % symbols.len())
-            .collect();
+        let indices: Vec<usize> = match opts.layout {
+            Layout::Random => rand::seq::index::sample(
+                &mut rng,
+                symbols.len(),
+                subs_per_stream.min(symbols.len()),
+            )
+            .into_vec(),
+            Layout::Blocks => (0..subs_per_stream)
+                .map(|k| (j * subs_per_stream + k) % symbols.len())
+                .collect(),
+        };
         let slow = j < opts.slow_streams;
         if !slow {
             indices.iter().for_each(|&i| subscribers[i] += 1);
