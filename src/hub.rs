@@ -123,10 +123,10 @@ pub struct Subscription {
     pub watch: SeqWatch,
 }
 
-/// The latest seq of one symbol, read without a lock: lets a session see that a
-/// subscription has nothing new without polling its receiver (which locks the
-/// channel's listener list, a cache line shared with the publisher and every other
-/// subscriber of the symbol).
+/// The latest seq of one symbol, read without a lock: how far behind a subscription
+/// is (for /streams). It is stored before the tick is broadcast, so it may run ahead
+/// of what a receiver can take yet; it says nothing about whether a receiver's
+/// wake-up is armed.
 #[derive(Clone)]
 pub struct SeqWatch(Arc<SymbolSlot>);
 

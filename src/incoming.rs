@@ -94,7 +94,8 @@ impl Incoming {
         Incoming::with_source(Source::HandedOff(handed_off), options, metrics)
     }
 
-    /// Shares the accepted connections with `others` (round robin, this one first).
+    /// Shares the accepted connections with `others`, round robin: the first goes to
+    /// `others[0]`, and this thread keeps every `1 + others.len()`-th.
     pub fn share_with(mut self, others: Vec<mpsc::UnboundedSender<HandOff>>) -> Incoming {
         if let Source::Listener { others: o, .. } = &mut self.source {
             *o = others;

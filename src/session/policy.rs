@@ -85,9 +85,9 @@ pub struct Sub {
     pub symbol: Symbol,
     pub policy: Policy,
     pub feed: Feed,
-    /// The symbol's latest seq, for how far behind this stream is. (It once let a
-    /// session skip polling a receiver that showed nothing new; that lost wake-ups
-    /// under a race, see README "Performance", and was removed.)
+    /// The symbol's latest seq, read without the symbol's lock, for how far behind
+    /// this stream is (/streams). Not a reason to skip polling the receiver: that lost
+    /// wake-ups (README, "Performance").
     pub watch: SeqWatch,
     /// Highest seq delivered (or announced by the snapshot) on this stream.
     pub last_seq: u64,
