@@ -160,7 +160,8 @@ pub struct Config {
           value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 
-    /// How often channels of symbols without subscribers are freed.
+    /// How often the fold state of symbols without CONFLATE subscribers is freed (a
+    /// symbol's ring of live ticks is freed as soon as its last subscriber leaves).
     #[arg(long, env = "TICKERD_PRUNE_INTERVAL", default_value = "30s",
           value_parser = humantime::parse_duration)]
     pub prune_interval: Duration,

@@ -260,7 +260,7 @@ impl Server {
 
         let feed_task = feed.map(|f| f.spawn(hub.clone(), shutdown.token().clone()));
         let prune =
-            prune_idle_channels(hub.clone(), config.prune_interval, shutdown.token().clone());
+            prune_idle_conflations(hub.clone(), config.prune_interval, shutdown.token().clone());
         tokio::spawn(prune);
 
         if let (Some(reloader), Some(every)) = (reloader, config.tls_reload_interval) {
@@ -368,7 +368,7 @@ async fn reload_every(reloader: TlsReloader, every: Duration, shutdown: Cancella
     }
 }
 
-async fn prune_idle_channels(
+async fn prune_idle_conflations(
     hub: Hub,
     every: Duration,
     shutdown: tokio_util::sync::CancellationToken,
@@ -378,9 +378,9 @@ async fn prune_idle_channels(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = ticker.tick() => {
-                let pruned = hub.prune_idle_channels();
+                let pruned = hub.prune_idle_conflations();
                 if pruned > 0 {
-                    tracing::debug!(pruned, "idle symbol channels freed");
+                    tracing::debug!(pruned, "idle conflation state freed");
                 }
             }
         }

@@ -25,7 +25,6 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use async_broadcast::RecvError;
 use futures_core::Stream;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
@@ -35,7 +34,7 @@ use crate::{
     auth::{Authenticator, Principal},
     clock,
     codec::Outbound,
-    hub::{Delivery, Hub, ResumePoint, SubscribeError, Tick},
+    hub::{Bell, Delivery, Hub, ResumePoint, SubscribeError, Tick},
     metrics::{ended, StreamTicket},
     pb::{ticker_request::Action, ticker_response::Kind, TickerRequest, TickerResponse},
     shutdown::Shutdown,
@@ -43,7 +42,9 @@ use crate::{
 };
 
 use doorbell::Doorbell;
-use policy::{backlog, conflated, lagged, resume_point, Feed, Sub, BACKLOG_CHECK_EVERY};
+use policy::{
+    backlog, conflated, lagged, resume_point, Feed, Sub, BACKLOG_CHECK_EVERY, TAKE_BATCH,
+};
 pub use policy::{Policy, MAX_CONFLATE_HZ};
 
 /// Replies queued beyond this stop the session from reading further requests, so a
@@ -74,6 +75,8 @@ pub struct Session {
     /// Rings when `requests` may have something new.
     requests_bell: Doorbell,
     subs: Vec<Sub>,
+    /// Rung by the hub when a tick arrives for any of `subs` while this stream sleeps.
+    bell: Bell,
     /// Replies and replayed ticks, ahead of live ticks.
     control: VecDeque<Outbound>,
     /// Wakes this stream when its earliest CONFLATE message falls due.
@@ -142,6 +145,7 @@ impl Session {
             requests,
             requests_bell: Doorbell::new(),
             subs: Vec::new(),
+            bell: Bell::new(),
             control: VecDeque::new(),
             conflate_timer: None,
             held: None,
@@ -278,7 +282,7 @@ impl Session {
         };
         let delivery = match policy {
             Policy::Conflate { .. } => Delivery::Conflate,
-            Policy::All | Policy::Strict => Delivery::Channel,
+            Policy::All | Policy::Strict => Delivery::Channel(&self.bell),
         };
         let sub = match self.hub.subscribe_with(symbol, resume, delivery) {
             Ok(sub) => sub,
@@ -289,7 +293,10 @@ impl Session {
             ) => return self.reject(symbol, e.to_string()),
         };
         let feed = match (sub.receiver, sub.conflator, policy) {
-            (Some(receiver), _, _) => Feed::Channel(receiver),
+            (Some(receiver), _, _) => Feed::Channel {
+                receiver,
+                taken: VecDeque::new(),
+            },
             (None, Some(conflator), Policy::Conflate { every }) => Feed::Conflate {
                 conflator,
                 every,
@@ -403,96 +410,16 @@ impl Session {
 
     /// The next live message of any subscription, round-robin: a tick, a conflated
     /// range that fell due, or a notice (lag, backlog) with its tick held for the next
-    /// call. `Err` ends the stream (a STRICT subscription fell behind).
+    /// call. `Err` ends the stream (a STRICT subscription fell behind). Before it
+    /// returns `Pending` it arms the bell and looks once more (see `Bell::arm`).
     fn poll_ticks(&mut self, cx: &mut Context<'_>) -> Poll<Result<Outbound, Ending>> {
-        let n = self.subs.len();
-        let capacity = self.hub.config().channel_capacity.max(1);
         let mut due: Option<Instant> = None;
-        for i in 0..n {
-            let idx = (self.cursor + i) % n;
-            let sub = &mut self.subs[idx];
-            let receiver = match &mut sub.feed {
-                Feed::Channel(receiver) => receiver,
-                Feed::Conflate {
-                    conflator,
-                    every,
-                    next_emit,
-                } => {
-                    if !conflator.is_pending() {
-                        conflator.register(cx.waker());
-                        if !conflator.is_pending() {
-                            continue;
-                        }
-                    }
-                    let now = Instant::now();
-                    if now < *next_emit {
-                        due = Some(due.map_or(*next_emit, |d| d.min(*next_emit)));
-                        continue;
-                    }
-                    let Some(fold) = conflator.take() else {
-                        continue;
-                    };
-                    *next_emit = now + *every;
-                    sub.last_seq = fold.last.seq;
-                    self.cursor = idx + 1;
-                    self.local.delivered += 1;
-                    return Poll::Ready(Ok(Outbound::Message(conflated(&fold))));
-                }
-            };
-            loop {
-                match Pin::new(&mut *receiver).poll_recv(cx) {
-                    Poll::Ready(Some(Ok(tick))) => {
-                        // At or below what the snapshot already showed: skip.
-                        if tick.seq <= sub.last_seq {
-                            continue;
-                        }
-                        let dropped = tick.seq - sub.last_seq - 1;
-                        if dropped > 0 && sub.policy == Policy::Strict {
-                            let status = Status::resource_exhausted(format!(
-                                "slow consumer: this stream fell {dropped} ticks behind on {} (STRICT); \
-                                 last seq delivered {} in epoch {}: resume from it",
-                                sub.symbol,
-                                sub.last_seq,
-                                tick.epoch
-                            ));
-                            return Poll::Ready(Err((ended::SLOW_CONSUMER, status)));
-                        }
-                        sub.last_seq = tick.seq;
-                        self.cursor = idx + 1;
-                        if dropped > 0 {
-                            let notice = lagged(&sub.symbol, dropped);
-                            tracing::debug!(parent: &self.span, symbol = %notice.symbol, dropped, "stream lagged");
-                            self.local.dropped += dropped;
-                            self.local.lag_notices += 1;
-                            self.held = Some(tick);
-                            return Poll::Ready(Ok(Outbound::Message(notice)));
-                        }
-                        sub.unchecked += 1;
-                        if sub.unchecked >= BACKLOG_CHECK_EVERY {
-                            sub.unchecked = 0;
-                            let depth = receiver.len();
-                            if depth * 2 >= capacity && !sub.warned {
-                                sub.warned = true;
-                                let age = clock::now_unix_nanos() - tick.event_time_unix_nanos;
-                                let age = Duration::from_nanos(age.max(0) as u64);
-                                let notice = backlog(&sub.symbol, depth, capacity, age);
-                                tracing::debug!(parent: &self.span, symbol = %notice.symbol, depth, "backlog warning");
-                                self.held = Some(tick);
-                                return Poll::Ready(Ok(Outbound::Message(notice)));
-                            }
-                            if depth * 4 < capacity {
-                                sub.warned = false;
-                            }
-                        }
-                        return Poll::Ready(Ok(self.deliver(tick)));
-                    }
-                    // The seq gap of the next tick reports the exact count.
-                    Poll::Ready(Some(Err(RecvError::Overflowed(_)))) => continue,
-                    // Closed cannot happen while this receiver is open; treat as idle.
-                    Poll::Ready(Some(Err(RecvError::Closed)) | None) => break,
-                    Poll::Pending => break,
-                }
-            }
+        if let Some(ready) = self.next_live(cx, &mut due) {
+            return Poll::Ready(ready);
+        }
+        self.bell.arm(cx.waker());
+        if let Some(ready) = self.next_live(cx, &mut due) {
+            return Poll::Ready(ready);
         }
         if let Some(due) = due {
             let timer = self
@@ -508,6 +435,98 @@ impl Session {
         }
         self.fold();
         Poll::Pending
+    }
+
+    /// One round-robin pass of `poll_ticks`; `due` gathers when the earliest CONFLATE
+    /// message that is not due yet falls due.
+    fn next_live(
+        &mut self,
+        cx: &mut Context<'_>,
+        due: &mut Option<Instant>,
+    ) -> Option<Result<Outbound, Ending>> {
+        let n = self.subs.len();
+        let capacity = self.hub.config().channel_capacity.max(1);
+        for i in 0..n {
+            let idx = (self.cursor + i) % n;
+            let sub = &mut self.subs[idx];
+            let (receiver, taken) = match &mut sub.feed {
+                Feed::Channel { receiver, taken } => (receiver, taken),
+                Feed::Conflate {
+                    conflator,
+                    every,
+                    next_emit,
+                } => {
+                    if !conflator.is_pending() {
+                        conflator.register(cx.waker());
+                        if !conflator.is_pending() {
+                            continue;
+                        }
+                    }
+                    let now = Instant::now();
+                    if now < *next_emit {
+                        *due = Some(due.map_or(*next_emit, |d| d.min(*next_emit)));
+                        continue;
+                    }
+                    let Some(fold) = conflator.take() else {
+                        continue;
+                    };
+                    *next_emit = now + *every;
+                    sub.last_seq = fold.last.seq;
+                    self.cursor = idx + 1;
+                    self.local.delivered += 1;
+                    return Some(Ok(Outbound::Message(conflated(&fold))));
+                }
+            };
+            if taken.is_empty() {
+                if !receiver.has_news() {
+                    continue;
+                }
+                receiver.take(TAKE_BATCH, taken);
+            }
+            let Some(tick) = taken.pop_front() else {
+                continue;
+            };
+            // The ring starts after the snapshot's seq, so no tick repeats; a gap is
+            // what the ring dropped before this stream took it.
+            let dropped = tick.seq.saturating_sub(sub.last_seq + 1);
+            if dropped > 0 && sub.policy == Policy::Strict {
+                let status = Status::resource_exhausted(format!(
+                    "slow consumer: this stream fell {dropped} ticks behind on {} (STRICT); \
+                     last seq delivered {} in epoch {}: resume from it",
+                    sub.symbol, sub.last_seq, tick.epoch
+                ));
+                return Some(Err((ended::SLOW_CONSUMER, status)));
+            }
+            sub.last_seq = tick.seq;
+            self.cursor = idx + 1;
+            if dropped > 0 {
+                let notice = lagged(&sub.symbol, dropped);
+                tracing::debug!(parent: &self.span, symbol = %notice.symbol, dropped, "stream lagged");
+                self.local.dropped += dropped;
+                self.local.lag_notices += 1;
+                self.held = Some(tick);
+                return Some(Ok(Outbound::Message(notice)));
+            }
+            sub.unchecked += 1;
+            if sub.unchecked >= BACKLOG_CHECK_EVERY {
+                sub.unchecked = 0;
+                let depth = receiver.pending() as usize + taken.len();
+                if depth * 2 >= capacity && !sub.warned {
+                    sub.warned = true;
+                    let age = clock::now_unix_nanos() - tick.event_time_unix_nanos;
+                    let age = Duration::from_nanos(age.max(0) as u64);
+                    let notice = backlog(&sub.symbol, depth, capacity, age);
+                    tracing::debug!(parent: &self.span, symbol = %notice.symbol, depth, "backlog warning");
+                    self.held = Some(tick);
+                    return Some(Ok(Outbound::Message(notice)));
+                }
+                if depth * 4 < capacity {
+                    sub.warned = false;
+                }
+            }
+            return Some(Ok(self.deliver(tick)));
+        }
+        None
     }
 
     /// Counts a tick going out. The tick's own event time gates the (rare) latency

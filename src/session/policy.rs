@@ -2,14 +2,13 @@
 //! from the request, where its live ticks come from, and the in-band notices it can
 //! produce (lag, backlog warning, conflated ranges). `session` drives it.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::VecDeque, sync::Arc, time::Duration};
 
-use async_broadcast::Receiver;
 use tokio::time::Instant;
 
 use crate::{
     conflator::{Conflator, Fold},
-    hub::{ResumePoint, SeqWatch, Tick},
+    hub::{Receiver, ResumePoint, SeqWatch, Tick},
     pb::{ticker_request::DeliveryPolicy, ticker_response::Kind, TickerRequest, TickerResponse},
     symbol::Symbol,
 };
@@ -17,9 +16,12 @@ use crate::{
 /// Highest CONFLATE rate accepted, messages per second per symbol.
 pub const MAX_CONFLATE_HZ: f64 = 1000.0;
 
-/// Deliveries of one subscription between two looks at its backlog (a look takes the
-/// channel's lock, so it is not done per tick).
+/// Deliveries of one subscription between two looks at its backlog.
 pub const BACKLOG_CHECK_EVERY: u32 = 16;
+
+/// Ticks a subscription takes from its ring under one lock. Small, so that a stalled
+/// stream holds little beside the ring and its loss still shows as a gap.
+pub const TAKE_BATCH: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Policy {
@@ -71,8 +73,12 @@ pub fn resume_point(request: &TickerRequest) -> Option<ResumePoint> {
 
 /// Live ticks of a subscription.
 pub enum Feed {
-    /// Every tick through the symbol's channel (ALL, STRICT).
-    Channel(Receiver<Arc<Tick>>),
+    /// Every tick through the symbol's ring (ALL, STRICT), taken `TAKE_BATCH` at a time
+    /// into `taken`.
+    Channel {
+        receiver: Receiver,
+        taken: VecDeque<Arc<Tick>>,
+    },
     /// Folded ranges, taken at most once per `every` (CONFLATE).
     Conflate {
         conflator: Conflator,
@@ -86,8 +92,7 @@ pub struct Sub {
     pub policy: Policy,
     pub feed: Feed,
     /// The symbol's latest seq, read without the symbol's lock, for how far behind
-    /// this stream is (/streams). Not a reason to skip polling the receiver: that lost
-    /// wake-ups (README, "Performance").
+    /// this stream is (/streams).
     pub watch: SeqWatch,
     /// Highest seq delivered (or announced by the snapshot) on this stream.
     pub last_seq: u64,

@@ -1,10 +1,13 @@
 //! The hub: per-symbol seq (within the hub's epoch), last value, bounded history and
-//! bounded broadcast channel. Feeds and the Publish RPC write into it (`publish`);
-//! sessions read from it (`subscribe_with`), directly or through a `Conflator`.
+//! bounded ring of live ticks (`ring`). Feeds and the Publish RPC write into it
+//! (`publish`); sessions read from it (`subscribe_with`), through a ring `Receiver` or
+//! a `Conflator`.
 //!
-//! Publishing never waits for a subscriber: each channel has overflow on (the oldest
-//! tick is dropped when a receiver falls `channel_capacity` behind) and await_active
-//! off. Each tick is encoded once, here, and its bytes are shared by every stream.
+//! Publishing never waits for a subscriber: a ring keeps the latest `channel_capacity`
+//! ticks, so a receiver that falls that far behind loses the oldest (and sees the seq
+//! gap). Each tick is encoded once, here, and its bytes are shared by every stream.
+
+mod ring;
 
 use std::{
     collections::VecDeque,
@@ -15,7 +18,6 @@ use std::{
     time::Duration,
 };
 
-use async_broadcast::{Receiver, Sender, TrySendError};
 use bytes::Bytes;
 use dashmap::{mapref::entry::Entry, DashMap};
 use prost::Message;
@@ -27,6 +29,8 @@ use crate::{
     pb::{ticker_response::Kind, TickerResponse},
     symbol::{self, Symbol, SymbolError},
 };
+use ring::Ring;
+pub use ring::{Bell, Receiver};
 
 /// One accepted tick. Shared (`Arc`) by the last-value slot and every receiver.
 #[derive(Debug)]
@@ -110,7 +114,7 @@ pub enum SubscribeError {
 /// the last value. Nothing overlaps and nothing is left out.
 pub struct Subscription {
     /// Live ticks, for `Delivery::Channel`.
-    pub receiver: Option<Receiver<Arc<Tick>>>,
+    pub receiver: Option<Receiver>,
     /// Live ranges, for `Delivery::Conflate`.
     pub conflator: Option<Conflator>,
     pub snapshot: Option<Arc<Tick>>,
@@ -144,10 +148,10 @@ pub struct ResumePoint {
 }
 
 /// How a subscription receives live ticks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Delivery {
-    /// Each tick, through the symbol's bounded broadcast channel.
-    Channel,
+#[derive(Clone, Copy)]
+pub enum Delivery<'a> {
+    /// Each tick, through the symbol's ring, waking the session through its bell.
+    Channel(&'a Bell),
     /// Folded into ranges taken at the subscriber's pace; never falls behind.
     Conflate,
 }
@@ -176,7 +180,8 @@ pub struct HubStats {
     /// Indexed by `Source as usize`.
     pub accepted: [AtomicU64; 2],
     pub rejected: [AtomicU64; 2],
-    /// Ticks pushed out of a full channel: some receiver of that symbol will see a gap.
+    /// Ticks pushed out of a full ring before some receiver took them: that receiver
+    /// will see a gap.
     pub overflowed: AtomicU64,
 }
 
@@ -195,8 +200,8 @@ struct Shared {
 
 struct SymbolSlot {
     symbol: Symbol,
-    /// `state.seq`, readable without the lock; stored before the tick is offered to
-    /// receivers, so a receiver woken for a tick always sees its seq here.
+    /// `state.seq`, readable without the lock; stored (SeqCst, see `Bell::arm`) after
+    /// the tick is in the ring and before its readers' bells ring.
     published: AtomicU64,
     state: Mutex<SymbolState>,
 }
@@ -205,9 +210,8 @@ struct SymbolSlot {
 struct SymbolState {
     seq: u64,
     last: Option<Arc<Tick>>,
-    /// Present while the symbol has (or recently had) subscribers; dropped when the
-    /// channel is found without receivers, so idle symbols hold no queue.
-    sender: Option<Sender<Arc<Tick>>>,
+    /// Present while the symbol has receivers, so idle symbols hold no queue.
+    ring: Option<Ring>,
     /// The latest ticks (at most `history_size`) with the time each entered the hub.
     history: VecDeque<(i64, Arc<Tick>)>,
     /// Present while the symbol has CONFLATE subscribers; dropped like `sender`.
@@ -330,7 +334,6 @@ impl Hub {
         let mut state = slot.lock();
         state.seq += 1;
         let seq = state.seq;
-        slot.published.store(seq, Ordering::Release);
         let tick = Arc::new(encode_tick(
             &slot.symbol,
             seq,
@@ -352,29 +355,23 @@ impl Hub {
                 state.conflation = None;
             }
         }
-        if let Some(sender) = &state.sender {
-            match sender.try_broadcast(tick) {
-                Ok(None) => {}
-                Ok(Some(_oldest)) => {
-                    self.stats().overflowed.fetch_add(1, Ordering::Relaxed);
-                }
-                // Every receiver is gone: prune the channel. (Full cannot happen with
-                // overflow on, Inactive cannot happen as the hub keeps no inactive receiver.)
-                Err(
-                    TrySendError::Closed(_) | TrySendError::Inactive(_) | TrySendError::Full(_),
-                ) => {
-                    state.sender = None;
-                }
+        if let Some(ring) = state.ring.as_mut() {
+            if ring.push(tick, config.channel_capacity.max(1)) {
+                self.stats().overflowed.fetch_add(1, Ordering::Relaxed);
             }
+        }
+        slot.published.store(seq, Ordering::SeqCst);
+        if let Some(ring) = &state.ring {
+            ring.ring_bells();
         }
         Ok(seq)
     }
 
-    /// Opens a receiver on `symbol`'s channel together with its last value, atomically
+    /// Opens a receiver on `symbol`'s ring together with its last value, atomically
     /// with respect to `publish`, so the snapshot and the live ticks never overlap or
-    /// leave a hole.
+    /// leave a hole. Its bell is never armed: for callers that read without waiting.
     pub fn subscribe(&self, symbol: &str) -> Result<Subscription, SubscribeError> {
-        self.subscribe_with(symbol, None, Delivery::Channel)
+        self.subscribe_with(symbol, None, Delivery::Channel(&Bell::new()))
     }
 
     /// `subscribe`, resuming after `resume` when the history allows, with live ticks
@@ -393,8 +390,8 @@ impl Hub {
                 .map_err(SubscribeError::SymbolLimit)?,
             None => return Err(SubscribeError::Unknown),
         };
-        let mut state = slot.lock();
-        let state = &mut *state;
+        let mut guard = slot.lock();
+        let state = &mut *guard;
         let (mut receiver, mut conflator) = (None, None);
         match delivery {
             Delivery::Conflate => {
@@ -403,7 +400,9 @@ impl Hub {
                     .get_or_insert_with(|| Conflation::new(state.seq, state.last.clone()));
                 conflator = Some(conflation.join(state.seq));
             }
-            Delivery::Channel => receiver = Some(self.receiver(state)),
+            Delivery::Channel(bell) => {
+                receiver = Some(Receiver::join(Arc::clone(&slot), state, bell));
+            }
         }
         let replay = resume.and_then(|from| self.replay(state, from));
         Ok(Subscription {
@@ -419,21 +418,6 @@ impl Hub {
             epoch: self.epoch(),
             watch: SeqWatch(Arc::clone(&slot)),
         })
-    }
-
-    /// A receiver on the symbol's channel, opening the channel if it is not open.
-    fn receiver(&self, state: &mut SymbolState) -> Receiver<Arc<Tick>> {
-        match &state.sender {
-            Some(sender) if !sender.is_closed() => sender.new_receiver(),
-            _ => {
-                let (mut sender, receiver) =
-                    async_broadcast::broadcast(self.shared.config.channel_capacity.max(1));
-                sender.set_overflow(true);
-                sender.set_await_active(false);
-                state.sender = Some(sender);
-                receiver
-            }
-        }
     }
 
     /// Every tick after `from`, if the history still holds them all (none expired).
@@ -488,7 +472,7 @@ impl Hub {
             .iter()
             .map(|slot| {
                 let state = slot.lock();
-                let receivers = state.sender.as_ref().map_or(0, |s| s.receiver_count());
+                let receivers = state.ring.as_ref().map_or(0, Ring::reader_count);
                 (Arc::clone(&slot.symbol), state.seq, receivers)
             })
             .collect()
@@ -500,25 +484,19 @@ impl Hub {
             return 0;
         };
         let state = slot.lock();
-        state.sender.as_ref().map_or(0, |s| s.receiver_count())
+        state.ring.as_ref().map_or(0, Ring::reader_count)
     }
 
-    /// Drops the channels of symbols nobody listens to any more. Publishing prunes
-    /// lazily too; this sweep covers symbols that stopped ticking.
-    pub fn prune_idle_channels(&self) -> usize {
+    /// Drops the fold state of symbols with no CONFLATE subscriber left. Publishing
+    /// prunes lazily too; this sweep covers symbols that stopped ticking. (Rings go with
+    /// their last receiver.)
+    pub fn prune_idle_conflations(&self) -> usize {
         let mut pruned = 0;
         for entry in self.shared.symbols.iter() {
             let mut state = entry.value().lock();
-            if state
-                .sender
-                .as_ref()
-                .is_some_and(|s| s.receiver_count() == 0)
-            {
-                state.sender = None;
-                pruned += 1;
-            }
             if state.conflation.as_ref().is_some_and(|c| !c.is_used()) {
                 state.conflation = None;
+                pruned += 1;
             }
         }
         pruned
@@ -604,7 +582,7 @@ mod tests {
         let mut sub = hub.subscribe("A").unwrap();
         assert_eq!(sub.snapshot.as_ref().map(|t| t.seq), Some(2));
         hub.publish("A", 3.0, 0).unwrap();
-        let next = sub.receiver.as_mut().unwrap().try_recv().unwrap();
+        let next = sub.receiver.as_mut().unwrap().try_next().unwrap();
         assert_eq!((next.seq, next.ltp), (3, 3.0));
         let decoded = TickerResponse::decode(next.encoded.clone()).unwrap();
         assert_eq!(decoded.seq, 3);
@@ -624,11 +602,13 @@ mod tests {
             hub.publish("A", 10.0 + f64::from(i), 0).unwrap();
         }
         assert_eq!(hub.stats().overflowed.load(Ordering::Relaxed), 6);
-        assert!(matches!(
-            sub.receiver.as_mut().unwrap().try_recv(),
-            Err(async_broadcast::TryRecvError::Overflowed(6))
-        ));
-        assert_eq!(sub.receiver.as_mut().unwrap().try_recv().unwrap().seq, 8);
+        let receiver = sub.receiver.as_mut().unwrap();
+        assert_eq!(receiver.pending(), 10);
+        // seqs 2..=7 are gone: the gap says how many
+        assert_eq!(receiver.try_next().unwrap().seq, 8);
+        // a tick dropped after every receiver took it is no overflow
+        hub.publish("A", 1.0, 0).unwrap();
+        assert_eq!(hub.stats().overflowed.load(Ordering::Relaxed), 6);
     }
 
     #[test]
@@ -667,17 +647,27 @@ mod tests {
     }
 
     #[test]
-    fn idle_channels_are_pruned() {
+    fn a_new_receiver_after_the_last_left_gets_a_fresh_ring_that_works() {
         let hub = hub(4);
         hub.publish("A", 1.0, 0).unwrap();
         let sub = hub.subscribe("A").unwrap();
-        assert_eq!(hub.receiver_count("A"), 1);
-        drop(sub);
-        assert_eq!(hub.prune_idle_channels(), 1);
-        assert_eq!(hub.receiver_count("A"), 0);
-        // and a later subscriber gets a fresh channel that works
-        let mut sub = hub.subscribe("A").unwrap();
         hub.publish("A", 2.0, 0).unwrap();
-        assert_eq!(sub.receiver.as_mut().unwrap().try_recv().unwrap().seq, 2);
+        drop(sub);
+        assert_eq!(hub.receiver_count("A"), 0);
+        let mut sub = hub.subscribe("A").unwrap();
+        assert_eq!(sub.seq, 2);
+        hub.publish("A", 3.0, 0).unwrap();
+        assert_eq!(sub.receiver.as_mut().unwrap().try_next().unwrap().seq, 3);
+        assert!(sub.receiver.as_mut().unwrap().try_next().is_none());
+    }
+
+    #[test]
+    fn idle_conflations_are_pruned() {
+        let hub = hub(4);
+        hub.publish("A", 1.0, 0).unwrap();
+        let sub = hub.subscribe_with("A", None, Delivery::Conflate).unwrap();
+        assert_eq!(hub.prune_idle_conflations(), 0);
+        drop(sub);
+        assert_eq!(hub.prune_idle_conflations(), 1);
     }
 }

@@ -1,0 +1,266 @@
+//! A symbol's ring of recent ticks, its receivers, and the bell that wakes a session.
+//! `hub::publish` pushes each tick into its symbol's ring under the symbol's lock and
+//! rings the bells of the ring's readers; each ALL/STRICT subscription of a session holds
+//! a `Receiver` that takes ticks out in batches, and the session holds one `Bell` for
+//! all its receivers.
+//!
+//! Why not a broadcast channel (async-broadcast, the first choice): each of its receivers
+//! keeps an event listener that is re-registered on every poll, so a session woken for
+//! one symbol polled the listeners of all its symbols, about a fifth of the server's CPU
+//! (README, "Performance"). Here a session arms its bell once, right before it sleeps;
+//! a publish rings only armed bells, so a session is woken once however many of its
+//! symbols tick, and reading costs one lock per batch, not per tick.
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    task::Waker,
+};
+
+use super::{SymbolSlot, SymbolState, Tick};
+
+/// The ticks of one symbol still readable: consecutive seqs ending at the symbol's seq,
+/// at most the channel capacity of them. The hub keeps a ring only while it has readers.
+pub(super) struct Ring {
+    ticks: VecDeque<Arc<Tick>>,
+    readers: Vec<Arc<Reader>>,
+}
+
+/// A receiver as its ring sees it.
+struct Reader {
+    bell: Arc<BellState>,
+    /// The first seq the receiver has not taken (a copy of `Receiver::next`), so that a
+    /// push can tell whether the tick it drops was still wanted.
+    next: AtomicU64,
+}
+
+impl Ring {
+    /// Appends `tick` (the symbol's next seq), dropping the oldest past `capacity`.
+    /// Returns whether the dropped tick was one some reader had not taken yet.
+    pub(super) fn push(&mut self, tick: Arc<Tick>, capacity: usize) -> bool {
+        let mut overflowed = false;
+        if self.ticks.len() >= capacity {
+            if let Some(oldest) = self.ticks.pop_front() {
+                overflowed = self
+                    .readers
+                    .iter()
+                    .any(|r| r.next.load(Ordering::Relaxed) <= oldest.seq);
+            }
+        }
+        self.ticks.push_back(tick);
+        overflowed
+    }
+
+    /// Wakes the readers that sleep. Call it after the symbol's published seq is stored.
+    pub(super) fn ring_bells(&self) {
+        for reader in &self.readers {
+            reader.bell.ring();
+        }
+    }
+
+    pub(super) fn reader_count(&self) -> usize {
+        self.readers.len()
+    }
+}
+
+/// One subscription's read position in a symbol's ring. Dropping it leaves the ring;
+/// the ring is freed with its last receiver.
+pub struct Receiver {
+    slot: Arc<SymbolSlot>,
+    me: Arc<Reader>,
+    /// The first seq not taken yet.
+    next: u64,
+}
+
+impl Receiver {
+    /// A receiver of every tick after the symbol's current seq, rung through `bell`.
+    /// `state` is the symbol's locked state.
+    pub(super) fn join(slot: Arc<SymbolSlot>, state: &mut SymbolState, bell: &Bell) -> Receiver {
+        let next = state.seq + 1;
+        let me = Arc::new(Reader {
+            bell: Arc::clone(&bell.state),
+            next: AtomicU64::new(next),
+        });
+        let ring = state.ring.get_or_insert_with(|| Ring {
+            ticks: VecDeque::new(),
+            readers: Vec::new(),
+        });
+        ring.readers.push(Arc::clone(&me));
+        Receiver { slot, me, next }
+    }
+
+    /// Whether a tick this receiver has not taken has been published. Lock-free.
+    pub fn has_news(&self) -> bool {
+        self.slot.published.load(Ordering::SeqCst) >= self.next
+    }
+
+    /// Ticks published that this receiver has not taken (some may be dropped already).
+    pub fn pending(&self) -> u64 {
+        (self.slot.published.load(Ordering::Acquire) + 1).saturating_sub(self.next)
+    }
+
+    /// Moves up to `max` untaken ticks, oldest first, to `out`, under one lock; returns
+    /// how many. Ticks the ring dropped before they were taken show as a seq gap.
+    pub fn take(&mut self, max: usize, out: &mut VecDeque<Arc<Tick>>) -> usize {
+        let state = self.slot.lock();
+        let Some(ring) = state.ring.as_ref() else {
+            return 0;
+        };
+        let Some(first) = ring.ticks.front().map(|t| t.seq) else {
+            return 0;
+        };
+        let start = self.next.max(first);
+        let skip = (start - first) as usize;
+        let n = ring.ticks.len().saturating_sub(skip).min(max);
+        out.extend(ring.ticks.range(skip..skip + n).cloned());
+        self.next = start + n as u64;
+        self.me.next.store(self.next, Ordering::Relaxed);
+        n
+    }
+
+    /// The next untaken tick, if any (one lock per tick: for tests and benchmarks).
+    pub fn try_next(&mut self) -> Option<Arc<Tick>> {
+        let mut one = VecDeque::with_capacity(1);
+        self.take(1, &mut one);
+        one.pop_front()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let mut state = self.slot.lock();
+        if let Some(ring) = state.ring.as_mut() {
+            ring.readers.retain(|r| !Arc::ptr_eq(r, &self.me));
+            if ring.readers.is_empty() {
+                state.ring = None;
+            }
+        }
+    }
+}
+
+/// A session's wake-up, shared by all its receivers. See the module docs.
+pub struct Bell {
+    state: Arc<BellState>,
+    /// The task registered in `state.task`, kept here so that the common case (the same
+    /// task as last time) costs a comparison instead of the lock.
+    registered: Option<Waker>,
+}
+
+struct BellState {
+    armed: AtomicBool,
+    /// Kept across rings, so one registration serves every wake-up.
+    task: Mutex<Option<Waker>>,
+}
+
+impl Default for Bell {
+    fn default() -> Bell {
+        Bell {
+            state: Arc::new(BellState {
+                armed: AtomicBool::new(false),
+                task: Mutex::new(None),
+            }),
+            registered: None,
+        }
+    }
+}
+
+impl Bell {
+    pub fn new() -> Bell {
+        Bell::default()
+    }
+
+    /// Has `waker`'s task woken by the next tick of any receiver of this bell. Arm it
+    /// before the last look at the receivers (`has_news`): a tick published after that
+    /// look then rings, and one published before it is seen by the look. (Both sides
+    /// use SeqCst: the publisher stores the seq then reads `armed`, the session stores
+    /// `armed` then reads the seq; at least one of them sees the other's store.)
+    pub fn arm(&mut self, waker: &Waker) {
+        if !self.registered.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            *self.state.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(waker.clone());
+            self.registered = Some(waker.clone());
+        }
+        self.state.armed.store(true, Ordering::SeqCst);
+    }
+}
+
+impl BellState {
+    fn ring(&self) {
+        // The plain load first: most bells of a busy symbol were rung already.
+        if self.armed.load(Ordering::SeqCst) && self.armed.swap(false, Ordering::SeqCst) {
+            let task = self.task.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(task) = task.as_ref() {
+                task.wake_by_ref();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::atomic::AtomicUsize,
+        task::{Wake, Waker},
+    };
+
+    use super::*;
+    use crate::hub::{Delivery, Hub, HubConfig};
+
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn an_armed_bell_rings_once_for_any_number_of_ticks_and_symbols() {
+        let hub = Hub::new(HubConfig::default());
+        let mut bell = Bell::new();
+        let mut rxs: Vec<Receiver> = ["A", "B"]
+            .iter()
+            .map(|s| {
+                hub.declare(s).unwrap();
+                let sub = hub.subscribe_with(s, None, Delivery::Channel(&bell));
+                sub.unwrap().receiver.unwrap()
+            })
+            .collect();
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(Arc::clone(&count));
+        hub.publish("A", 1.0, 0).unwrap();
+        assert_eq!(count.0.load(Ordering::SeqCst), 0, "not armed: no wake");
+        bell.arm(&waker);
+        for _ in 0..3 {
+            hub.publish("A", 1.0, 0).unwrap();
+            hub.publish("B", 1.0, 0).unwrap();
+        }
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        let mut out = VecDeque::new();
+        assert!(rxs.iter().all(Receiver::has_news));
+        assert_eq!(rxs[0].take(10, &mut out), 4);
+        assert_eq!(rxs[1].take(2, &mut out), 2);
+        assert_eq!(rxs[1].pending(), 1);
+        assert!(!rxs[0].has_news());
+        bell.arm(&waker);
+        hub.publish("B", 1.0, 0).unwrap();
+        assert_eq!(count.0.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn the_ring_is_freed_with_its_last_receiver() {
+        let hub = Hub::new(HubConfig::default());
+        hub.publish("A", 1.0, 0).unwrap();
+        let a = hub.subscribe("A").unwrap().receiver.unwrap();
+        let b = hub.subscribe("A").unwrap().receiver.unwrap();
+        hub.publish("A", 2.0, 0).unwrap();
+        assert_eq!(hub.receiver_count("A"), 2);
+        drop(a);
+        assert_eq!(hub.receiver_count("A"), 1);
+        drop(b);
+        assert_eq!(hub.receiver_count("A"), 0);
+        assert!(hub.shared.symbols.get("A").unwrap().lock().ring.is_none());
+    }
+}
