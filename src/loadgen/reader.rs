@@ -26,7 +26,9 @@ pub struct StepStats {
     pub dropped: u64,
     /// Seq jumps not announced by a KIND_LAGGED just before (must stay 0).
     pub unannounced_gaps: u64,
-    /// End-to-end latency in microseconds: receive time minus `event_time_unix_nanos`.
+    /// End-to-end latency in microseconds: receive time minus `event_time_unix_nanos`,
+    /// to 2 significant digits (1%): at 3 digits each histogram took ~170 KB, and there
+    /// is one per stream and step (1.7 GB for a 10-step ramp of 1,000 streams).
     pub latency_us: Histogram<u64>,
 }
 
@@ -37,7 +39,7 @@ impl StepStats {
             lag_notices: 0,
             dropped: 0,
             unannounced_gaps: 0,
-            latency_us: Histogram::new_with_bounds(1, 600_000_000, 3).expect("static bounds"),
+            latency_us: Histogram::new_with_bounds(1, 600_000_000, 2).expect("static bounds"),
         }
     }
 
@@ -138,11 +140,15 @@ impl Reader {
                     _ = self.stop.cancelled() => return catch_up,
                 }
             }
+            // Made once and polled only when the stream has nothing, rather than a fresh
+            // `cancelled()` (a waiter added and removed under the token's lock) per message.
+            let stopped = self.stop.cancelled();
+            tokio::pin!(stopped);
             loop {
                 let msg = tokio::select! {
                     biased;
-                    _ = self.stop.cancelled() => break,
                     msg = stream.message() => msg,
+                    _ = &mut stopped => break,
                 };
                 let Ok(Some(msg)) = msg else { break };
                 let now = clock::now_unix_nanos();
