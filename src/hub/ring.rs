@@ -9,7 +9,9 @@
 //! one symbol polled the listeners of all its symbols, about a fifth of the server's CPU
 //! (README, "Performance"). Here a session arms its bell once, right before it sleeps;
 //! a publish rings only armed bells, so a session is woken once however many of its
-//! symbols tick, and reading costs one lock per batch, not per tick.
+//! symbols tick, and reading costs one lock per batch, not per tick. A publish also
+//! marks the reader's bit in the bell's `news`, so a woken session looks only at the
+//! subscriptions that have something (the scan of all of them was 12% of samples).
 
 use std::{
     collections::VecDeque,
@@ -35,6 +37,8 @@ struct Reader {
     /// The first seq the receiver has not taken (a copy of `Receiver::next`), so that a
     /// push can tell whether the tick it drops was still wanted.
     next: AtomicU64,
+    /// The bit a publish sets in the bell's `news` (0: none yet).
+    hint: AtomicU64,
 }
 
 impl Ring {
@@ -54,10 +58,11 @@ impl Ring {
         overflowed
     }
 
-    /// Wakes the readers that sleep. Call it after the symbol's published seq is stored.
+    /// Marks the news of every reader and wakes those that sleep. Call it after the
+    /// symbol's published seq is stored.
     pub(super) fn ring_bells(&self) {
         for reader in &self.readers {
-            reader.bell.ring();
+            reader.bell.ring(reader.hint.load(Ordering::SeqCst));
         }
     }
 
@@ -83,6 +88,7 @@ impl Receiver {
         let me = Arc::new(Reader {
             bell: Arc::clone(&bell.state),
             next: AtomicU64::new(next),
+            hint: AtomicU64::new(0),
         });
         let ring = state.ring.get_or_insert_with(|| Ring {
             ticks: VecDeque::new(),
@@ -121,6 +127,12 @@ impl Receiver {
         n
     }
 
+    /// Sets the bit this receiver marks in its bell's news from now on. A tick published
+    /// meanwhile may mark the old bit: after a change, look at every receiver once.
+    pub fn set_hint(&self, bit: u64) {
+        self.me.hint.store(bit, Ordering::SeqCst);
+    }
+
     /// The next untaken tick, if any (one lock per tick: for tests and benchmarks).
     pub fn try_next(&mut self) -> Option<Arc<Tick>> {
         let mut one = VecDeque::with_capacity(1);
@@ -151,6 +163,8 @@ pub struct Bell {
 
 struct BellState {
     armed: AtomicBool,
+    /// The hint bits of the receivers that got a tick since the session last took them.
+    news: AtomicU64,
     /// Kept across rings, so one registration serves every wake-up.
     task: Mutex<Option<Waker>>,
 }
@@ -160,6 +174,7 @@ impl Default for Bell {
         Bell {
             state: Arc::new(BellState {
                 armed: AtomicBool::new(false),
+                news: AtomicU64::new(0),
                 task: Mutex::new(None),
             }),
             registered: None,
@@ -173,10 +188,11 @@ impl Bell {
     }
 
     /// Has `waker`'s task woken by the next tick of any receiver of this bell. Arm it
-    /// before the last look at the receivers (`has_news`): a tick published after that
-    /// look then rings, and one published before it is seen by the look. (Both sides
-    /// use SeqCst: the publisher stores the seq then reads `armed`, the session stores
-    /// `armed` then reads the seq; at least one of them sees the other's store.)
+    /// before the last look at the receivers (`take_news`, `has_news`): a tick published
+    /// after that look then rings, and one published before it is seen by the look.
+    /// (All SeqCst: the publisher stores the seq, marks `news`, then reads `armed`; the
+    /// session stores `armed`, then takes `news` or reads the seq; at least one of them
+    /// sees the other's store.)
     pub fn arm(&mut self, waker: &Waker) {
         if !self.registered.as_ref().is_some_and(|w| w.will_wake(waker)) {
             *self.state.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(waker.clone());
@@ -184,10 +200,19 @@ impl Bell {
         }
         self.state.armed.store(true, Ordering::SeqCst);
     }
+
+    /// The hint bits marked since the last take (see `Receiver::set_hint`).
+    pub fn take_news(&self) -> u64 {
+        self.state.news.swap(0, Ordering::SeqCst)
+    }
 }
 
 impl BellState {
-    fn ring(&self) {
+    fn ring(&self, hint: u64) {
+        // Loads first: on a busy symbol most bits are marked and most bells rung already.
+        if self.news.load(Ordering::SeqCst) & hint != hint {
+            self.news.fetch_or(hint, Ordering::SeqCst);
+        }
         // The plain load first: most bells of a busy symbol were rung already.
         if self.armed.load(Ordering::SeqCst) && self.armed.swap(false, Ordering::SeqCst) {
             let task = self.task.lock().unwrap_or_else(|e| e.into_inner());
@@ -228,16 +253,21 @@ mod tests {
                 sub.unwrap().receiver.unwrap()
             })
             .collect();
+        rxs[0].set_hint(0b01);
+        rxs[1].set_hint(0b10);
         let count = Arc::new(Count(AtomicUsize::new(0)));
         let waker = Waker::from(Arc::clone(&count));
         hub.publish("A", 1.0, 0).unwrap();
         assert_eq!(count.0.load(Ordering::SeqCst), 0, "not armed: no wake");
+        assert_eq!(bell.take_news(), 0b01, "but the news is marked");
+        assert_eq!(bell.take_news(), 0);
         bell.arm(&waker);
         for _ in 0..3 {
             hub.publish("A", 1.0, 0).unwrap();
             hub.publish("B", 1.0, 0).unwrap();
         }
         assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert_eq!(bell.take_news(), 0b11);
         let mut out = VecDeque::new();
         assert!(rxs.iter().all(Receiver::has_news));
         assert_eq!(rxs[0].take(10, &mut out), 4);

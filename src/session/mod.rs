@@ -77,6 +77,11 @@ pub struct Session {
     subs: Vec<Sub>,
     /// Rung by the hub when a tick arrives for any of `subs` while this stream sleeps.
     bell: Bell,
+    /// Subscriptions to look at, as hint bits (`subs[i]` is bit `i % 64`): those the
+    /// bell's news named, those not drained yet, and every CONFLATE one (`always`).
+    /// Past 64 subscriptions every one is looked at.
+    todo: u64,
+    always: u64,
     /// Replies and replayed ticks, ahead of live ticks.
     control: VecDeque<Outbound>,
     /// Wakes this stream when its earliest CONFLATE message falls due.
@@ -146,6 +151,8 @@ impl Session {
             requests_bell: Doorbell::new(),
             subs: Vec::new(),
             bell: Bell::new(),
+            todo: u64::MAX,
+            always: 0,
             control: VecDeque::new(),
             conflate_timer: None,
             held: None,
@@ -260,6 +267,7 @@ impl Session {
             }
             Some(idx) => {
                 let old = self.subs.remove(idx);
+                self.reindex();
                 self.ticket.metrics.subscriptions.dec();
                 let last_seq = self.flush(old);
                 let from = ResumePoint {
@@ -314,6 +322,7 @@ impl Session {
             unchecked: 0,
             warned: false,
         });
+        self.reindex();
         self.ticket.metrics.subscriptions.inc();
         self.ticket
             .info
@@ -354,6 +363,7 @@ impl Session {
         // it goes too.
         let before = self.subs.len();
         self.subs.retain(|s| &*s.symbol != symbol);
+        self.reindex();
         self.ticket
             .metrics
             .subscriptions
@@ -367,6 +377,20 @@ impl Session {
             self.held = None;
         }
         self.push(control(Kind::Unsubscribed, symbol, detail));
+    }
+
+    /// Gives each receiver the hint bit of its place in `subs` and has every
+    /// subscription looked at once (a tick may have marked an old bit).
+    fn reindex(&mut self) {
+        self.always = 0;
+        for (i, sub) in self.subs.iter().enumerate() {
+            let bit = 1u64 << (i % 64);
+            match &sub.feed {
+                Feed::Channel { receiver, .. } => receiver.set_hint(bit),
+                Feed::Conflate { .. } => self.always |= bit,
+            }
+        }
+        self.todo = u64::MAX;
     }
 
     fn reject(&mut self, symbol: &str, detail: String) {
@@ -414,10 +438,12 @@ impl Session {
     /// returns `Pending` it arms the bell and looks once more (see `Bell::arm`).
     fn poll_ticks(&mut self, cx: &mut Context<'_>) -> Poll<Result<Outbound, Ending>> {
         let mut due: Option<Instant> = None;
+        self.todo |= self.bell.take_news();
         if let Some(ready) = self.next_live(cx, &mut due) {
             return Poll::Ready(ready);
         }
         self.bell.arm(cx.waker());
+        self.todo |= self.bell.take_news();
         if let Some(ready) = self.next_live(cx, &mut due) {
             return Poll::Ready(ready);
         }
@@ -446,8 +472,13 @@ impl Session {
     ) -> Option<Result<Outbound, Ending>> {
         let n = self.subs.len();
         let capacity = self.hub.config().channel_capacity.max(1);
+        let hinted = n <= 64;
         for i in 0..n {
             let idx = (self.cursor + i) % n;
+            let bit = 1u64 << (idx % 64);
+            if hinted && (self.todo | self.always) & bit == 0 {
+                continue;
+            }
             let sub = &mut self.subs[idx];
             let (receiver, taken) = match &mut sub.feed {
                 Feed::Channel { receiver, taken } => (receiver, taken),
@@ -479,11 +510,13 @@ impl Session {
             };
             if taken.is_empty() {
                 if !receiver.has_news() {
+                    self.todo &= !bit;
                     continue;
                 }
                 receiver.take(TAKE_BATCH, taken);
             }
             let Some(tick) = taken.pop_front() else {
+                self.todo &= !bit;
                 continue;
             };
             // The ring starts after the snapshot's seq, so no tick repeats; a gap is
@@ -804,6 +837,52 @@ mod tests {
         }
         let symbols: String = drain(&mut s).iter().map(|m| m.symbol.clone()).collect();
         assert_eq!(symbols, "ABABAB");
+    }
+
+    #[test]
+    fn news_reaches_a_subscription_whose_place_moved() {
+        let hub = Hub::new(HubConfig::default());
+        let mut s = session(&hub);
+        for sym in ["A", "B", "C"] {
+            hub.publish(sym, 1.0, 0).unwrap();
+            s.subscribe(sym);
+        }
+        drain(&mut s);
+        s.unsubscribe("A", "");
+        drain(&mut s);
+        // C moved from place 2 to 1: its ticks must mark bit 1 now.
+        hub.publish("C", 2.0, 0).unwrap();
+        assert_eq!(kinds(&drain(&mut s)), [(Kind::Tick, 2)]);
+        hub.publish("B", 2.0, 0).unwrap();
+        assert_eq!(kinds(&drain(&mut s)), [(Kind::Tick, 2)]);
+    }
+
+    #[test]
+    fn past_64_subscriptions_every_one_is_still_served() {
+        let hub = Hub::new(HubConfig::default());
+        let limits = SessionLimits {
+            max_subscriptions: 100,
+        };
+        let mut s = Session::new(
+            hub.clone(),
+            limits,
+            None,
+            Shutdown::new(),
+            ticket(&hub),
+            anonymous(),
+        );
+        let symbols: Vec<String> = (0..70).map(|i| format!("S{i}")).collect();
+        for sym in &symbols {
+            hub.publish(sym, 1.0, 0).unwrap();
+            s.subscribe(sym);
+        }
+        drain(&mut s);
+        for sym in [&symbols[69], &symbols[5], &symbols[0]] {
+            hub.publish(sym, 2.0, 0).unwrap();
+            let got = drain(&mut s);
+            assert_eq!(kinds(&got), [(Kind::Tick, 2)]);
+            assert_eq!(&got[0].symbol, sym);
+        }
     }
 
     #[test]
