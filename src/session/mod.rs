@@ -10,10 +10,9 @@
 //! for a STRICT subscription, ends the stream. A backlog past half the channel is
 //! announced first (KIND_BACKLOG). CONFLATE subscriptions never fall behind: the hub
 //! folds their ticks (`conflator`) and the session takes the fold at their rate.
-//! `policy` holds the per-subscription parts; `doorbell` says when the requests need a
-//! poll.
+//! `policy` holds the per-subscription parts. The session's `Bell` (in the hub's ring)
+//! also says when the client's requests need a poll.
 
-mod doorbell;
 mod policy;
 
 use std::{
@@ -41,7 +40,6 @@ use crate::{
     symbol::{self, Symbol},
 };
 
-use doorbell::Doorbell;
 use policy::{
     backlog, conflated, lagged, resume_point, Feed, Sub, BACKLOG_CHECK_EVERY, TAKE_BATCH,
 };
@@ -72,10 +70,9 @@ pub struct Session {
     limits: SessionLimits,
     /// The client's requests (TickerStream); `None` for Subscribe or after half-close.
     requests: Option<Streaming<TickerRequest>>,
-    /// Rings when `requests` may have something new.
-    requests_bell: Doorbell,
     subs: Vec<Sub>,
-    /// Rung by the hub when a tick arrives for any of `subs` while this stream sleeps.
+    /// Rung by the hub when a tick arrives for any of `subs` while this stream sleeps,
+    /// and by `requests` when they may have something new.
     bell: Bell,
     /// Subscriptions to look at, as hint bits (`subs[i]` is bit `i % 64`): those the
     /// bell's news named, those not drained yet, and every CONFLATE one (`always`).
@@ -148,7 +145,6 @@ impl Session {
             hub,
             limits,
             requests,
-            requests_bell: Doorbell::new(),
             subs: Vec::new(),
             bell: Bell::new(),
             todo: u64::MAX,
@@ -412,7 +408,7 @@ impl Session {
         if self.requests.is_none() {
             return Ok(());
         }
-        let Some(waker) = self.requests_bell.answer(cx) else {
+        let Some(waker) = self.bell.answer_requests(cx) else {
             return Ok(());
         };
         let mut cx = Context::from_waker(&waker);
@@ -428,7 +424,7 @@ impl Session {
                 Poll::Pending => return Ok(()),
             }
         }
-        self.requests_bell.ring();
+        self.bell.ring_requests();
         Ok(())
     }
 
