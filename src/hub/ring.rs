@@ -34,17 +34,21 @@ use super::{SymbolSlot, SymbolState, Tick};
 /// at most the channel capacity of them. The hub keeps a ring only while it has readers.
 pub(super) struct Ring {
     ticks: VecDeque<Arc<Tick>>,
-    readers: Vec<Arc<Reader>>,
+    /// Kept inline (not behind a pointer each) because a publish walks them all.
+    readers: Vec<Reader>,
+    /// No reader's position is below this: positions only grow, and a new reader starts
+    /// past every tick in the ring. Dropping a tick below it needs no look at the readers.
+    min_next: u64,
 }
 
 /// A receiver as its ring sees it.
 struct Reader {
     bell: Arc<BellState>,
-    /// The first seq the receiver has not taken (a copy of `Receiver::next`), so that a
-    /// push can tell whether the tick it drops was still wanted.
-    next: AtomicU64,
     /// The bit a publish sets in the bell's `news` (0: none yet).
-    hint: AtomicU64,
+    hint: u64,
+    /// The first seq the receiver has not taken, written under the symbol's lock;
+    /// also the receiver's identity in `readers`.
+    next: Arc<AtomicU64>,
 }
 
 impl Ring {
@@ -54,10 +58,15 @@ impl Ring {
         let mut overflowed = false;
         if self.ticks.len() >= capacity {
             if let Some(oldest) = self.ticks.pop_front() {
-                overflowed = self
-                    .readers
-                    .iter()
-                    .any(|r| r.next.load(Ordering::Relaxed) <= oldest.seq);
+                if oldest.seq >= self.min_next {
+                    self.min_next = self
+                        .readers
+                        .iter()
+                        .map(|r| r.next.load(Ordering::Relaxed))
+                        .min()
+                        .unwrap_or(u64::MAX);
+                    overflowed = self.min_next <= oldest.seq;
+                }
             }
         }
         self.ticks.push_back(tick);
@@ -68,7 +77,7 @@ impl Ring {
     /// symbol's published seq is stored.
     pub(super) fn ring_bells(&self) {
         for reader in &self.readers {
-            reader.bell.ring(reader.hint.load(Ordering::SeqCst));
+            reader.bell.ring(reader.hint);
         }
     }
 
@@ -81,7 +90,8 @@ impl Ring {
 /// the ring is freed with its last receiver.
 pub struct Receiver {
     slot: Arc<SymbolSlot>,
-    me: Arc<Reader>,
+    /// `next`, shared with the ring (see `Reader::next`).
+    position: Arc<AtomicU64>,
     /// The first seq not taken yet.
     next: u64,
 }
@@ -91,17 +101,22 @@ impl Receiver {
     /// `state` is the symbol's locked state.
     pub(super) fn join(slot: Arc<SymbolSlot>, state: &mut SymbolState, bell: &Bell) -> Receiver {
         let next = state.seq + 1;
-        let me = Arc::new(Reader {
-            bell: Arc::clone(&bell.state),
-            next: AtomicU64::new(next),
-            hint: AtomicU64::new(0),
-        });
+        let position = Arc::new(AtomicU64::new(next));
         let ring = state.ring.get_or_insert_with(|| Ring {
             ticks: VecDeque::new(),
             readers: Vec::new(),
+            min_next: next,
         });
-        ring.readers.push(Arc::clone(&me));
-        Receiver { slot, me, next }
+        ring.readers.push(Reader {
+            bell: Arc::clone(&bell.state),
+            hint: 0,
+            next: Arc::clone(&position),
+        });
+        Receiver {
+            slot,
+            position,
+            next,
+        }
     }
 
     /// Whether a tick this receiver has not taken has been published. Lock-free.
@@ -129,14 +144,24 @@ impl Receiver {
         let n = ring.ticks.len().saturating_sub(skip).min(max);
         out.extend(ring.ticks.range(skip..skip + n).cloned());
         self.next = start + n as u64;
-        self.me.next.store(self.next, Ordering::Relaxed);
+        self.position.store(self.next, Ordering::Relaxed);
         n
     }
 
-    /// Sets the bit this receiver marks in its bell's news from now on. A tick published
-    /// meanwhile may mark the old bit: after a change, look at every receiver once.
+    /// Sets the bit this receiver marks in its bell's news from now on (a lock and a
+    /// walk of the symbol's readers: for subscription changes, not per tick). A tick
+    /// published before may have marked the old bit: after a change, look at every
+    /// receiver once.
     pub fn set_hint(&self, bit: u64) {
-        self.me.hint.store(bit, Ordering::SeqCst);
+        let mut state = self.slot.lock();
+        let mine = state.ring.as_mut().and_then(|r| {
+            r.readers
+                .iter_mut()
+                .find(|r| Arc::ptr_eq(&r.next, &self.position))
+        });
+        if let Some(reader) = mine {
+            reader.hint = bit;
+        }
     }
 
     /// The next untaken tick, if any (one lock per tick: for tests and benchmarks).
@@ -151,7 +176,8 @@ impl Drop for Receiver {
     fn drop(&mut self) {
         let mut state = self.slot.lock();
         if let Some(ring) = state.ring.as_mut() {
-            ring.readers.retain(|r| !Arc::ptr_eq(r, &self.me));
+            ring.readers
+                .retain(|r| !Arc::ptr_eq(&r.next, &self.position));
             if ring.readers.is_empty() {
                 state.ring = None;
             }
