@@ -1,6 +1,6 @@
 //! tickerd: a real-time market-data fan-out server over gRPC.
 //!
-//! Data flows feed → [`hub`] (per-symbol channels, last value, seq) → [`session`] (one
+//! Data flows feed → [`hub`] (per-symbol rings, last value, seq) → [`session`] (one
 //! client stream) → [`service`] (gRPC status mapping, [`auth`] per call) → [`server`]
 //! (limits, lifecycle; [`tls`] and [`incoming`] for connections).
 //! [`client`] holds what the `ticker` CLI and the tests use to talk to a server.

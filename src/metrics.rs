@@ -501,7 +501,7 @@ impl Collector for HubCollector {
         let overflowed = ConstCounter::new(stats.overflowed.load(Ordering::Relaxed));
         let m = encoder.encode_descriptor(
             "ticks_overflowed",
-            "Ticks pushed out of a full symbol channel",
+            "Ticks dropped from a full symbol ring before some subscriber took them",
             None,
             overflowed.metric_type(),
         )?;

@@ -1,13 +1,13 @@
 //! A session is one client response stream (TickerStream or Subscribe): its subscription
-//! set, the control replies it owes, and the drain of the hub's channels under HTTP/2
+//! set, the control replies it owes, and the drain of the hub's rings under HTTP/2
 //! backpressure. The service builds sessions; the codec writes what they yield.
 //!
 //! Backpressure: a session is a `Stream` polled by tonic only when the transport can take
 //! more, and it returns every ready message before `Pending`, so tonic packs all ready
 //! ticks into one DATA frame. A stream that cannot keep up falls behind in the hub's
-//! bounded channels; the hub drops the oldest, and the session turns the resulting seq
+//! bounded rings; the hub drops the oldest, and the session turns the resulting seq
 //! gap into a KIND_LAGGED notice (with the exact count) just before the next tick, or,
-//! for a STRICT subscription, ends the stream. A backlog past half the channel is
+//! for a STRICT subscription, ends the stream. A backlog past half the ring is
 //! announced first (KIND_BACKLOG). CONFLATE subscriptions never fall behind: the hub
 //! folds their ticks (`conflator`) and the session takes the fold at their rate.
 //! `policy` holds the per-subscription parts. The session's `Bell` (in the hub's ring)
