@@ -233,6 +233,15 @@ async fn drains_with_a_stalled_client(io_threads: u16) {
     let mut stalled = Stream::open(&mut server.client().await).await;
     stalled.subscribed("BYE").await;
     publish(&mut client, ticks("BYE", 40_000)).await;
+    // The reading client keeps up: it has taken the last tick before the shutdown, so its
+    // UNAVAILABLE is not queued behind a full flow-control window, where it would race
+    // the drain timeout on a loaded machine (it lost, 1 run in ~70, before this wait).
+    loop {
+        let msg = reading.next().await;
+        if (msg.kind(), msg.seq) == (Kind::Tick, 40_001) {
+            break;
+        }
+    }
 
     let serving = server.shutdown();
     assert_eq!(

@@ -14,11 +14,35 @@ use tickerd::loadgen::{self, Options};
 struct Cli {
     #[command(flatten)]
     options: Options,
+    /// Runtime threads of the load generator. 1 (the default): a single-threaded
+    /// runtime, which spends the least CPU per received tick and so leaves the most of
+    /// a shared machine to the server under test; more: a work-stealing runtime with
+    /// that many workers, for when one core cannot keep up.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    threads: u16,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    let options = Cli::parse().options;
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match cli.threads {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(usize::from(n))
+            .enable_all()
+            .build(),
+    };
+    match runtime {
+        Ok(runtime) => runtime.block_on(run(cli.options)),
+        Err(e) => {
+            eprintln!("tickerd-bench: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(options: Options) -> ExitCode {
     let json = options.json;
     match loadgen::run(options).await {
         Ok(report) if json => match serde_json::to_string_pretty(&report) {

@@ -10,9 +10,9 @@ mod procfs;
 mod publisher;
 mod reader;
 mod report;
+mod wire;
 
 use std::{
-    collections::HashMap,
     sync::{Arc, Mutex, OnceLock},
     time::Duration,
 };
@@ -30,6 +30,8 @@ use crate::{
 use publisher::PublishCounts;
 use reader::{Reader, SharedStats, StepStats};
 pub use report::{IdleReport, Report, SlowReport, StepReport};
+use tonic::transport::Channel;
+use wire::SymbolTable;
 
 /// Options of `tickerd-bench`. Durations take units: 500ms, 5s.
 #[derive(Args, Debug, Clone)]
@@ -177,31 +179,29 @@ fn step_of(cell: &ScheduleCell, t: i64) -> usize {
     cell.get().map_or(usize::MAX, |s| s.step_of(t))
 }
 
+/// The subscribing streams. The fast (reading) ones share one set of statistics, and the
+/// slow ones another: a histogram per stream would be 1,000 cold ones (~24 KB each at
+/// this range), each tick's record a cache miss in the tool that should cost the least.
 struct Fleet {
-    fast: Vec<SharedStats>,
-    slow: Vec<(SharedStats, tokio::task::JoinHandle<reader::CatchUp>)>,
+    fast: SharedStats,
     fast_tasks: Vec<tokio::task::JoinHandle<reader::CatchUp>>,
+    slow: SharedStats,
+    slow_tasks: Vec<tokio::task::JoinHandle<reader::CatchUp>>,
     /// Fast (reading) subscribers per symbol index.
     subscribers: Vec<u64>,
 }
 
 /// Runs the scenario the options describe and returns its report.
 pub async fn run(opts: Options) -> Result<Report, Error> {
-    let symbols: Arc<Vec<String>> = Arc::new(
-        (0..opts.symbols.max(1))
-            .map(|i| format!("B{i:03}"))
-            .collect(),
-    );
-    let mut clients = Vec::with_capacity(opts.conns.max(1));
+    let table = Arc::new(SymbolTable::numbered(opts.symbols));
+    let symbols: Arc<Vec<String>> = Arc::new(table.names().to_vec());
+    let mut channels = Vec::with_capacity(opts.conns.max(1));
     for _ in 0..opts.conns.max(1) {
         let endpoint =
             client::endpoint(opts.server.clone())?.initial_stream_window_size(opts.stream_window);
-        clients.push(
-            crate::pb::ticker_stream_service_client::TickerStreamServiceClient::new(
-                endpoint.connect().await?,
-            ),
-        );
+        channels.push(endpoint.connect().await?);
     }
+    let clients: Vec<Client> = channels.iter().cloned().map(Client::new).collect();
     let seed: Vec<PublishRequest> = symbols
         .iter()
         .map(|s| PublishRequest::new(s.clone(), 100.0))
@@ -209,7 +209,7 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
     clients[0].clone().publish(tokio_stream::iter(seed)).await?;
     let pid = opts.server_pid.map(|p| p.to_string());
     if let Some(n) = opts.idle_streams {
-        return idle(&clients, &symbols, pid.as_deref(), n)
+        return idle(&channels, &table, pid.as_deref(), n)
             .await
             .map(Report::Idle);
     }
@@ -218,7 +218,7 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
     let stop = CancellationToken::new();
     let resume = CancellationToken::new();
     let until = Arc::new(OnceLock::new());
-    let fleet = open_fleet(&opts, &clients, &symbols, &cell, &stop, &resume, &until).await?;
+    let fleet = open_fleet(&opts, &channels, &table, &cell, &stop, &resume, &until).await?;
 
     let start = clock::now_unix_nanos() + 100_000_000;
     let _ = cell.set(Schedule::new(&opts, start));
@@ -245,7 +245,7 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
             procfs::cpu_seconds("self"),
         );
         tokio::time::sleep(opts.grace).await;
-        let stats = merged(&fleet.fast, i);
+        let stats = step_stats(&fleet.fast, i);
         let (offered, sent) = {
             let c = counts.lock().unwrap_or_else(|e| e.into_inner());
             (
@@ -276,7 +276,14 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
     }
     stop_publishing(&stop, publishing, &counts).await?;
 
-    let slow = catch_up(&clients[0], &symbols, fleet.slow, &resume, &until).await?;
+    let slow = catch_up(
+        &clients[0],
+        &table,
+        (&fleet.slow, fleet.slow_tasks),
+        &resume,
+        &until,
+    )
+    .await?;
     stop.cancel();
     for task in fleet.fast_tasks {
         let _ = task.await;
@@ -298,94 +305,76 @@ pub enum Layout {
 #[allow(clippy::too_many_arguments)]
 async fn open_fleet(
     opts: &Options,
-    clients: &[Client],
-    symbols: &Arc<Vec<String>>,
+    channels: &[Channel],
+    table: &Arc<SymbolTable>,
     cell: &ScheduleCell,
     stop: &CancellationToken,
     resume: &CancellationToken,
-    until: &Arc<OnceLock<HashMap<String, u64>>>,
+    until: &Arc<OnceLock<Vec<u64>>>,
 ) -> Result<Fleet, Error> {
     let buckets = if opts.ramp { opts.ramp_steps.max(1) } else { 1 };
     let subs_per_stream = opts.subs_per_stream.max(1);
-    let mut subscribers = vec![0u64; symbols.len()];
+    let mut subscribers = vec![0u64; table.len()];
+    let fast: SharedStats = Arc::new(Mutex::new(vec![StepStats::new(); buckets]));
+    let slow_stats: SharedStats = Arc::new(Mutex::new(vec![StepStats::new(); buckets]));
     let mut plans = Vec::new();
     // Fixed seed: the same flags give the same subscriptions, run after run.
     let mut rng = SmallRng::seed_from_u64(1);
     for j in 0..opts.streams {
         let indices: Vec<usize> = match opts.layout {
-            Layout::Random => rand::seq::index::sample(
-                &mut rng,
-                symbols.len(),
-                subs_per_stream.min(symbols.len()),
-            )
-            .into_vec(),
+            Layout::Random => {
+                rand::seq::index::sample(&mut rng, table.len(), subs_per_stream.min(table.len()))
+                    .into_vec()
+            }
             Layout::Blocks => (0..subs_per_stream)
-                .map(|k| (j * subs_per_stream + k) % symbols.len())
+                .map(|k| (j * subs_per_stream + k) % table.len())
                 .collect(),
         };
         let slow = j < opts.slow_streams;
         if !slow {
             indices.iter().for_each(|&i| subscribers[i] += 1);
         }
-        let stats: SharedStats = Arc::new(Mutex::new(vec![StepStats::new(); buckets]));
-        plans.push((
-            j,
-            indices
-                .iter()
-                .map(|&i| symbols[i].clone())
-                .collect::<Vec<_>>(),
-            stats,
-            slow,
-        ));
+        let stats = if slow { &slow_stats } else { &fast };
+        plans.push((j, indices, stats.clone(), slow));
     }
     let opened: Vec<_> = stream::iter(plans)
         .map(|(j, subs, stats, slow)| {
-            let mut client = clients[j % clients.len()].clone();
+            let channel = channels[j % channels.len()].clone();
             let reader = Reader {
                 symbols: subs,
+                table: table.clone(),
                 stats: stats.clone(),
                 resume: slow.then(|| resume.clone()),
                 stop: stop.clone(),
                 schedule: cell.clone(),
             };
             let until = until.clone();
-            async move {
-                reader
-                    .start(&mut client, until)
-                    .await
-                    .map(|task| (stats, task, slow))
-            }
+            async move { reader.start(channel, until).await.map(|task| (task, slow)) }
         })
         .buffer_unordered(64)
         .collect()
         .await;
     let mut fleet = Fleet {
-        fast: Vec::new(),
-        slow: Vec::new(),
+        fast,
         fast_tasks: Vec::new(),
+        slow: slow_stats,
+        slow_tasks: Vec::new(),
         subscribers,
     };
     for r in opened {
-        let (stats, task, slow) = r?;
+        let (task, slow) = r?;
         if slow {
-            fleet.slow.push((stats, task));
+            fleet.slow_tasks.push(task);
         } else {
-            fleet.fast.push(stats);
             fleet.fast_tasks.push(task);
         }
     }
     Ok(fleet)
 }
 
-fn merged(all: &[SharedStats], step: usize) -> StepStats {
-    let mut total = StepStats::new();
-    for stats in all {
-        let stats = stats.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = stats.get(step) {
-            total.merge(s);
-        }
-    }
-    total
+fn step_stats(stats: &SharedStats, step: usize) -> StepStats {
+    let stats = stats.lock().unwrap_or_else(|e| e.into_inner());
+    stats.get(step).cloned().unwrap_or_default()
 }
 
 async fn stop_publishing(
@@ -409,10 +398,10 @@ async fn stop_publishing(
 /// that every tick is either received or reported dropped by a KIND_LAGGED notice.
 async fn catch_up(
     client: &Client,
-    symbols: &[String],
-    slow: Vec<(SharedStats, tokio::task::JoinHandle<reader::CatchUp>)>,
+    table: &SymbolTable,
+    (stats, slow): (&SharedStats, Vec<tokio::task::JoinHandle<reader::CatchUp>>),
     resume: &CancellationToken,
-    until: &OnceLock<HashMap<String, u64>>,
+    until: &OnceLock<Vec<u64>>,
 ) -> Result<Option<SlowReport>, Error> {
     if slow.is_empty() {
         return Ok(None);
@@ -420,42 +409,45 @@ async fn catch_up(
     let quotes = client
         .clone()
         .get_quotes(GetQuotesRequest {
-            symbols: symbols.to_vec(),
+            symbols: table.names().to_vec(),
         })
         .await?
         .into_inner()
         .quotes;
-    let last: HashMap<String, u64> = quotes.into_iter().map(|q| (q.symbol, q.seq)).collect();
+    let mut last = vec![0u64; table.len()];
+    for q in quotes {
+        if let Some(i) = table.find(q.symbol.as_bytes()) {
+            last[i] = q.seq;
+        }
+    }
     let _ = until.set(last.clone());
     resume.cancel();
     let mut report = SlowReport {
         streams: slow.len(),
         ..SlowReport::default()
     };
-    for (stats, task) in slow {
+    for task in slow {
         let done = tokio::time::timeout(Duration::from_secs(60), task).await??;
-        let stats = stats.lock().unwrap_or_else(|e| e.into_inner());
-        report.lag_notices += stats.iter().map(|s| s.lag_notices).sum::<u64>();
-        report.unannounced_gaps += stats.iter().map(|s| s.unannounced_gaps).sum::<u64>();
-        for (symbol, received) in &done.received {
-            let dropped = done.dropped.get(symbol).copied().unwrap_or(0);
-            let from = done.snapshot_seq.get(symbol).copied().unwrap_or(0);
-            let to = last.get(symbol).copied().unwrap_or(0);
-            report.received += received;
-            report.dropped += dropped;
-            if received + dropped != to - from {
+        for track in &done {
+            let to = last.get(track.symbol).copied().unwrap_or(0);
+            report.received += track.received;
+            report.dropped += track.dropped;
+            if track.received + track.dropped != to.saturating_sub(track.snapshot_seq) {
                 report.inexact_symbols += 1;
             }
         }
     }
+    let stats = stats.lock().unwrap_or_else(|e| e.into_inner());
+    report.lag_notices = stats.iter().map(|s| s.lag_notices).sum();
+    report.unannounced_gaps = stats.iter().map(|s| s.unannounced_gaps).sum();
     Ok(Some(report))
 }
 
 /// Opens `n` streams, each subscribed to one symbol that never ticks, and reports the
 /// server's resident memory growth per stream.
 async fn idle(
-    clients: &[Client],
-    symbols: &[String],
+    channels: &[Channel],
+    table: &Arc<SymbolTable>,
     pid: Option<&str>,
     n: usize,
 ) -> Result<IdleReport, Error> {
@@ -466,16 +458,17 @@ async fn idle(
     let until = Arc::new(OnceLock::new());
     let opened: Vec<_> = stream::iter(0..n)
         .map(|j| {
-            let mut client = clients[j % clients.len()].clone();
+            let channel = channels[j % channels.len()].clone();
             let reader = Reader {
-                symbols: vec![symbols[j % symbols.len()].clone()],
+                symbols: vec![j % table.len()],
+                table: table.clone(),
                 stats: Arc::new(Mutex::new(Vec::new())),
                 resume: None,
                 stop: stop.clone(),
                 schedule: cell.clone(),
             };
             let until = until.clone();
-            async move { reader.start(&mut client, until).await }
+            async move { reader.start(channel, until).await }
         })
         .buffer_unordered(256)
         .collect()
@@ -491,7 +484,7 @@ async fn idle(
     for t in tasks {
         let _ = t.await;
     }
-    Ok(IdleReport::new(n, clients.len(), before, after))
+    Ok(IdleReport::new(n, channels.len(), before, after))
 }
 
 async fn sleep_until_unix(t: i64) {

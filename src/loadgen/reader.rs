@@ -1,22 +1,20 @@
 //! One subscribing stream of the load generator: opens a TickerStream, subscribes, and
 //! records each tick into the statistics of the measurement step its event time falls in.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex, OnceLock},
-};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use hdrhistogram::Histogram;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use super::{step_of, ScheduleCell};
-use crate::{
-    client::{Client, Kind},
-    clock,
-    pb::TickerRequest,
+use super::{
+    step_of,
+    wire::{self, SymbolTable},
+    ScheduleCell,
 };
+use crate::{client::Kind, clock, pb::TickerRequest};
+use tonic::transport::Channel;
 
 /// What one stream saw during one step.
 #[derive(Debug, Clone)]
@@ -27,8 +25,8 @@ pub struct StepStats {
     /// Seq jumps not announced by a KIND_LAGGED just before (must stay 0).
     pub unannounced_gaps: u64,
     /// End-to-end latency in microseconds: receive time minus `event_time_unix_nanos`,
-    /// to 2 significant digits (1%): at 3 digits each histogram took ~170 KB, and there
-    /// is one per stream and step (1.7 GB for a 10-step ramp of 1,000 streams).
+    /// to 3 significant digits (0.1%). ~170 KB each: there is one per step for all the
+    /// reading streams (and one for the slow ones), not one per stream.
     pub latency_us: Histogram<u64>,
 }
 
@@ -39,16 +37,8 @@ impl StepStats {
             lag_notices: 0,
             dropped: 0,
             unannounced_gaps: 0,
-            latency_us: Histogram::new_with_bounds(1, 600_000_000, 2).expect("static bounds"),
+            latency_us: Histogram::new_with_bounds(1, 600_000_000, 3).expect("static bounds"),
         }
-    }
-
-    pub fn merge(&mut self, other: &StepStats) {
-        self.delivered += other.delivered;
-        self.lag_notices += other.lag_notices;
-        self.dropped += other.dropped;
-        self.unannounced_gaps += other.unannounced_gaps;
-        let _ = self.latency_us.add(&other.latency_us);
     }
 }
 
@@ -58,35 +48,36 @@ impl Default for StepStats {
     }
 }
 
-/// A stream's statistics, one entry per step, plus totals outside any step.
+/// Statistics shared by a group of streams, one entry per step.
 pub type SharedStats = Arc<Mutex<Vec<StepStats>>>;
 
-/// What a stream knows about one symbol.
-#[derive(Default)]
-struct SymbolTrack {
-    last_seq: u64,
+/// What a stream knows about one symbol, and (for the catch-up of slow streams) what it
+/// received of it since its subscription's snapshot.
+#[derive(Debug, Default, Clone)]
+pub struct SymbolTrack {
+    /// Index in the run's `SymbolTable`.
+    pub symbol: usize,
+    pub snapshot_seq: u64,
+    pub last_seq: u64,
+    /// Ticks a KIND_LAGGED announced just before the next tick.
     announced: u64,
-    received: u64,
-    dropped: u64,
+    pub received: u64,
+    pub dropped: u64,
 }
 
-/// Result of a stream's catch-up at the end (slow streams): per symbol, ticks received
-/// and ticks announced as dropped since its subscription's snapshot.
-#[derive(Debug, Default, Clone)]
-pub struct CatchUp {
-    pub snapshot_seq: HashMap<String, u64>,
-    pub received: HashMap<String, u64>,
-    pub dropped: HashMap<String, u64>,
-    pub last_seq: HashMap<String, u64>,
-}
+/// A stream's tracks when it ended, sorted by symbol index.
+pub type CatchUp = Vec<SymbolTrack>;
 
 pub struct Reader {
-    pub symbols: Vec<String>,
+    /// Indices in `table` of the symbols to subscribe to.
+    pub symbols: Vec<usize>,
+    pub table: Arc<SymbolTable>,
     pub stats: SharedStats,
     /// A slow stream reads nothing until `resume` is cancelled.
     pub resume: Option<CancellationToken>,
-    /// Reading ends on `stop`, or once every symbol reached the seqs of the `start`
-    /// argument `until` (set after publishing ends, for the catch-up of slow streams).
+    /// Reading ends on `stop`, or once every symbol reached the seq (by symbol index)
+    /// of the `start` argument `until` (set after publishing ends, for the catch-up of
+    /// slow streams).
     pub stop: CancellationToken,
     pub schedule: ScheduleCell,
 }
@@ -96,37 +87,39 @@ impl Reader {
     /// task that reads the rest.
     pub async fn start(
         self,
-        client: &mut Client,
-        until: Arc<OnceLock<HashMap<String, u64>>>,
+        channel: Channel,
+        until: Arc<OnceLock<Vec<u64>>>,
     ) -> Result<tokio::task::JoinHandle<CatchUp>, tonic::Status> {
         let (tx, rx) = mpsc::channel(self.symbols.len().max(1));
-        for s in &self.symbols {
-            let _ = tx.try_send(TickerRequest::subscribe(s.clone()));
+        let mut tracks: Vec<SymbolTrack> = Vec::with_capacity(self.symbols.len());
+        for &i in &self.symbols {
+            let _ = tx.try_send(TickerRequest::subscribe(self.table.names()[i].clone()));
+            tracks.push(SymbolTrack {
+                symbol: i,
+                ..SymbolTrack::default()
+            });
         }
-        let mut stream = client
-            .ticker_stream(ReceiverStream::new(rx))
-            .await?
-            .into_inner();
-        let mut tracks: HashMap<String, SymbolTrack> = HashMap::new();
-        let mut catch_up = CatchUp::default();
+        tracks.sort_by_key(|t| t.symbol);
+        let mut stream =
+            wire::ticker_stream(channel, self.table.clone(), ReceiverStream::new(rx)).await?;
         // Acks (and snapshots) first, so the caller knows the subscriptions are live.
-        while tracks.len() < self.symbols.len() {
+        let mut acked = 0;
+        while acked < tracks.len() {
             let msg = stream
                 .message()
                 .await?
                 .ok_or_else(|| tonic::Status::unavailable("stream ended during subscribe"))?;
-            match msg.kind() {
-                Kind::Subscribed => {
-                    tracks.entry(msg.symbol).or_default();
+            let track = msg.symbol.and_then(|i| find(&mut tracks, i));
+            match (msg.kind(), track) {
+                (Kind::Subscribed, Some(_)) => acked += 1,
+                (Kind::Snapshot, Some(track)) => {
+                    track.last_seq = msg.seq;
+                    track.snapshot_seq = msg.seq;
                 }
-                Kind::Snapshot => {
-                    tracks.entry(msg.symbol.clone()).or_default().last_seq = msg.seq;
-                    catch_up.snapshot_seq.insert(msg.symbol, msg.seq);
-                }
-                Kind::Rejected => {
+                (Kind::Rejected, _) => {
                     return Err(tonic::Status::failed_precondition(format!(
-                        "subscription to {} rejected: {}",
-                        msg.symbol, msg.detail
+                        "a subscription was rejected: {}",
+                        msg.detail
                     )))
                 }
                 _ => {}
@@ -137,7 +130,7 @@ impl Reader {
             if let Some(resume) = &self.resume {
                 tokio::select! {
                     _ = resume.cancelled() => {}
-                    _ = self.stop.cancelled() => return catch_up,
+                    _ = self.stop.cancelled() => return tracks,
                 }
             }
             // Made once and polled only when the stream has nothing, rather than a fresh
@@ -152,7 +145,7 @@ impl Reader {
                 };
                 let Ok(Some(msg)) = msg else { break };
                 let now = clock::now_unix_nanos();
-                let Some(track) = tracks.get_mut(&msg.symbol) else {
+                let Some(track) = msg.symbol.and_then(|i| find(&mut tracks, i)) else {
                     continue;
                 };
                 match msg.kind() {
@@ -175,7 +168,7 @@ impl Reader {
                     }
                     Kind::Snapshot => {
                         track.last_seq = msg.seq;
-                        catch_up.snapshot_seq.insert(msg.symbol.clone(), msg.seq);
+                        track.snapshot_seq = msg.seq;
                     }
                     Kind::Lagged => {
                         track.announced = msg.dropped;
@@ -194,19 +187,19 @@ impl Reader {
                 if let Some(target) = until.get() {
                     if tracks
                         .iter()
-                        .all(|(s, t)| target.get(s).is_none_or(|&seq| t.last_seq >= seq))
+                        .all(|t| target.get(t.symbol).is_none_or(|&seq| t.last_seq >= seq))
                     {
                         break;
                     }
                 }
             }
-            for (symbol, t) in tracks {
-                catch_up.received.insert(symbol.clone(), t.received);
-                catch_up.dropped.insert(symbol.clone(), t.dropped);
-                catch_up.last_seq.insert(symbol, t.last_seq);
-            }
-            catch_up
+            tracks
         });
         Ok(task)
     }
+}
+
+fn find(tracks: &mut [SymbolTrack], symbol: usize) -> Option<&mut SymbolTrack> {
+    let i = tracks.binary_search_by_key(&symbol, |t| t.symbol).ok()?;
+    tracks.get_mut(i)
 }

@@ -1,0 +1,85 @@
+//! The load generator (`tickerd-bench`'s library) against a real server: what it reports
+//! must be exact, or no figure in the README's Performance section can be trusted.
+//! Small, bounded runs: a few streams for well under a second of publishing.
+
+mod common;
+
+use clap::Parser;
+use common::TestServer;
+use tickerd::loadgen::{self, Options, Report};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    options: Options,
+}
+
+fn options(server: &TestServer, extra: &[&str]) -> Options {
+    let url = server.url();
+    let mut args = vec![
+        "tickerd-bench",
+        "--server",
+        &url,
+        "--conns",
+        "2",
+        "--streams",
+        "6",
+        "--symbols",
+        "10",
+        "--subs-per-stream",
+        "5",
+        "--rate",
+        "2000",
+        "--warmup",
+        "100ms",
+        "--duration",
+        "400ms",
+        // In-flight ticks get this long after publishing ends; generous for a loaded CI box.
+        "--grace",
+        "2s",
+    ];
+    args.extend_from_slice(extra);
+    Cli::parse_from(args).options
+}
+
+#[tokio::test]
+async fn every_published_tick_is_counted_delivered_with_its_latency() {
+    let server = TestServer::start().await;
+    let Report::Run { steps, slow, .. } = loadgen::run(options(&server, &[])).await.unwrap() else {
+        panic!("a run report was expected");
+    };
+    assert!(slow.is_none());
+    let [step] = &steps[..] else {
+        panic!("one step expected, got {}", steps.len())
+    };
+    assert!(step.published > 0 && step.published == step.offered);
+    // 6 streams x 5 of 10 symbols: each tick reaches 3 streams on average, and the
+    // report's expectation follows the actual subscriptions.
+    assert!(step.expected >= step.published, "{step:?}");
+    assert_eq!(step.delivered, step.expected, "{step:?}");
+    assert_eq!(
+        (step.lag_notices, step.dropped, step.unannounced_gaps),
+        (0, 0, 0)
+    );
+    assert!(step.latency_us.p50 >= 1 && step.latency_us.max >= step.latency_us.p99);
+}
+
+#[tokio::test]
+async fn stalled_streams_get_exact_lag_counts_when_they_catch_up() {
+    // A 16-tick ring and a 4 KiB stream window: the two stalled streams must lose ticks.
+    let server = TestServer::with(|c| c.channel_capacity = 16).await;
+    let opts = options(&server, &["--slow-streams", "2", "--stream-window", "4096"]);
+    let Report::Run { steps, slow, .. } = loadgen::run(opts).await.unwrap() else {
+        panic!("a run report was expected");
+    };
+    let slow = slow.expect("a slow-stream report");
+    assert_eq!(slow.streams, 2);
+    assert!(slow.lag_notices > 0 && slow.dropped > 0, "{slow:?}");
+    assert_eq!(
+        (slow.unannounced_gaps, slow.inexact_symbols),
+        (0, 0),
+        "{slow:?}"
+    );
+    // The readers' own accounting holds too: whatever they missed was announced.
+    assert!(steps.iter().all(|s| s.unannounced_gaps == 0), "{steps:?}");
+}
