@@ -71,7 +71,7 @@ impl Encoder for OutboundEncoder {
 
     fn encode(&mut self, item: Outbound, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
         match item {
-            Outbound::Tick(tick) => dst.put_slice(&tick.encoded),
+            Outbound::Tick(tick) => dst.put_slice(tick.encoded()),
             Outbound::Message(msg) => msg
                 .encode(dst)
                 .map_err(|e| Status::internal(format!("encoding a response failed: {e}")))?,
@@ -86,6 +86,12 @@ impl Encoder for OutboundEncoder {
 
 /// Decodes a request message, blaming the client for bytes that are not one.
 pub struct RequestDecoder<D>(PhantomData<fn() -> D>);
+
+impl<D> Default for RequestDecoder<D> {
+    fn default() -> Self {
+        RequestDecoder(PhantomData)
+    }
+}
 
 impl<D: Message + Default> Decoder for RequestDecoder<D> {
     type Item = D;

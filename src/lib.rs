@@ -26,6 +26,7 @@ pub mod service;
 pub mod session;
 pub mod shards;
 pub mod shutdown;
+pub mod stream_routes;
 pub mod symbol;
 pub mod telemetry;
 pub mod tls;

@@ -24,6 +24,7 @@ use crate::{
     session::SessionLimits,
     shards::{ShardError, Shards},
     shutdown::Shutdown,
+    stream_routes::{MessageLimits, StreamRoutesLayer},
     symbol::{self, Symbol},
     tls::{Tls, TlsError},
 };
@@ -294,6 +295,13 @@ impl Server {
             .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
             .tcp_nodelay(true)
             .layer(RpcMetricsLayer::new(metrics.clone()))
+            .layer(StreamRoutesLayer::new(
+                service.clone(),
+                MessageLimits {
+                    max_decoding: config.max_decoding_message_size,
+                    max_encoding: config.max_encoding_message_size,
+                },
+            ))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

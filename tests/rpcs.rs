@@ -222,3 +222,53 @@ async fn publish_ends_with_invalid_argument_on_undecodable_bytes_after_applying_
         "good ticks before the junk were applied, none after"
     );
 }
+
+#[tokio::test]
+async fn subscribe_without_its_request_message_is_invalid_argument() {
+    let server = TestServer::start().await;
+    let channel = server.channel().await;
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/ticker.v1.TickerStreamService/Subscribe",
+    );
+    // A streaming call sends no message at all before it half-closes.
+    let none = tokio_stream::iter(Vec::<Bytes>::new());
+    let err = match grpc
+        .streaming(tonic::Request::new(none), path, RawCodec)
+        .await
+    {
+        Err(status) => status,
+        Ok(response) => {
+            let mut rx = response.into_inner();
+            loop {
+                match rx.message().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => panic!("the stream ended cleanly"),
+                    Err(status) => break status,
+                }
+            }
+        }
+    };
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("SubscribeRequest"), "{err:?}");
+    assert_eq!(server.service.active_streams(), 0);
+}
+
+#[tokio::test]
+async fn a_reply_over_the_encoding_limit_ends_the_stream_with_out_of_range() {
+    // KIND_SUBSCRIBED for "A" is more than 8 bytes of protobuf.
+    let server = TestServer::with(|c| c.max_encoding_message_size = 8).await;
+    let mut client = server.client().await;
+    publish(&mut client, ticks("A", 1)).await;
+    let req = SubscribeRequest {
+        symbols: vec!["A".into()],
+    };
+    let mut rx = client.subscribe(req).await.unwrap().into_inner();
+    let err = end(&mut rx).await.expect_err("must fail");
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert!(
+        err.message().contains("--max-encoding-message-size"),
+        "{err:?}"
+    );
+}

@@ -40,11 +40,18 @@ pub struct Tick {
     pub epoch: u64,
     pub ltp: f64,
     pub event_time_unix_nanos: i64,
-    /// The `TickerResponse` (kind KIND_TICK) as protobuf bytes, encoded once.
-    pub encoded: Bytes,
+    /// The `TickerResponse` (kind KIND_TICK) as one gRPC message: the 5-byte prefix
+    /// (uncompressed, length) and the protobuf bytes, encoded once. A stream with only
+    /// this tick ready sends these very bytes.
+    pub framed: Bytes,
 }
 
 impl Tick {
+    /// The protobuf bytes of `framed`, without the gRPC prefix.
+    pub fn encoded(&self) -> &[u8] {
+        &self.framed[GRPC_PREFIX..]
+    }
+
     /// This tick as a message of the given kind (snapshots, quotes).
     pub fn to_response(&self, kind: Kind) -> TickerResponse {
         TickerResponse {
@@ -557,8 +564,22 @@ fn encode_tick(
         epoch,
         ltp,
         event_time_unix_nanos,
-        encoded: Bytes::from(msg.encode_to_vec()),
+        framed: grpc_framed(&msg),
     }
+}
+
+/// Bytes of the gRPC message prefix: compressed flag and big-endian length.
+pub const GRPC_PREFIX: usize = 5;
+
+/// `msg` as one uncompressed gRPC message.
+fn grpc_framed(msg: &TickerResponse) -> Bytes {
+    let len = msg.encoded_len();
+    let mut buf = Vec::with_capacity(GRPC_PREFIX + len);
+    buf.push(0);
+    // A tick is far below 4 GiB: a symbol and a few numbers.
+    buf.extend_from_slice(&(len as u32).to_be_bytes());
+    msg.encode_raw(&mut buf);
+    Bytes::from(buf)
 }
 
 #[cfg(test)]
@@ -584,7 +605,7 @@ mod tests {
         hub.publish("A", 3.0, 0).unwrap();
         let next = sub.receiver.as_mut().unwrap().try_next().unwrap();
         assert_eq!((next.seq, next.ltp), (3, 3.0));
-        let decoded = TickerResponse::decode(next.encoded.clone()).unwrap();
+        let decoded = TickerResponse::decode(next.encoded()).unwrap();
         assert_eq!(decoded.seq, 3);
         assert_eq!(decoded.kind, Kind::Tick as i32);
         assert_eq!(

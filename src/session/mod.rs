@@ -469,8 +469,14 @@ impl Session {
         let n = self.subs.len();
         let capacity = self.hub.config().channel_capacity.max(1);
         let hinted = n <= 64;
+        // One division per pass, not per subscription: `%` showed as 7% of this function.
+        let start = if n == 0 { 0 } else { self.cursor % n };
         for i in 0..n {
-            let idx = (self.cursor + i) % n;
+            let idx = if start + i < n {
+                start + i
+            } else {
+                start + i - n
+            };
             let bit = 1u64 << (idx % 64);
             if hinted && (self.todo | self.always) & bit == 0 {
                 continue;
