@@ -1,7 +1,10 @@
 //! gRPC codecs for the server side. Streamed responses are `Outbound` values: a live
 //! tick is written from the bytes the hub encoded once; control messages are encoded
-//! here. Requests that do not decode become INVALID_ARGUMENT (tonic's prost codec says
-//! INTERNAL, which blames the server for a client's bytes).
+//! here. The server writes its streams with `stream_routes` instead; `OutboundCodec`
+//! serves the generated service (`pb`) when it is mounted without that layer.
+//! Requests that do not decode become INVALID_ARGUMENT (tonic's prost codec says
+//! INTERNAL, which blames the server for a client's bytes): `RequestDecoder`, used by
+//! both.
 
 use std::{marker::PhantomData, sync::Arc};
 

@@ -301,6 +301,9 @@ impl http_body::Body for SessionBody {
         if this.done {
             return Poll::Ready(None);
         }
+        if this.end.is_none() && this.session.is_quiet(cx) {
+            return Poll::Pending;
+        }
         while this.end.is_none() && this.ready_len() < YIELD_AT {
             match Pin::new(&mut this.session).poll_next(cx) {
                 Poll::Ready(Some(Ok(out))) => {
