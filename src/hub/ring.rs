@@ -270,14 +270,17 @@ impl Bell {
         }
     }
 
-    /// Whether the bell is still armed for `waker`'s task: armed, and no tick has rung
-    /// it since (a ring disarms it), and no request has rung it since the last
-    /// `answer_requests`. Then a new look at the receivers and requests would find
-    /// nothing that this task will not be woken for.
+    /// Whether the bell is still armed for `waker`'s task: no tick has rung it since
+    /// `arm` (a ring disarms it), so a new look at the receivers would find nothing
+    /// that this task will not be woken for.
     pub fn still_armed_for(&self, waker: &Waker) -> bool {
         self.registered.as_ref().is_some_and(|w| w.will_wake(waker))
             && self.state.armed.load(Ordering::SeqCst)
-            && !self.state.rung.load(Ordering::Acquire)
+    }
+
+    /// Whether the request stream rang since the last `answer_requests`.
+    pub fn requests_rung(&self) -> bool {
+        self.state.rung.load(Ordering::Acquire)
     }
 
     /// The hint bits marked since the last take (see `Receiver::set_hint`).

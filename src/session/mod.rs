@@ -484,6 +484,7 @@ impl Session {
         self.waiting
             && self.always == 0
             && self.bell.still_armed_for(cx.waker())
+            && (self.requests.is_none() || !self.bell.requests_rung())
             && !self.shutdown.is_triggered()
             && !self.expiry.as_ref().is_some_and(|e| e.is_elapsed())
     }
@@ -778,6 +779,50 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    #[test]
+    fn quiet_only_until_a_tick_shutdown_or_conflate_subscription() {
+        let hub = Hub::new(HubConfig::default());
+        hub.publish("A", 1.0, 0).unwrap();
+        hub.publish("B", 1.0, 0).unwrap();
+        let shutdown = Shutdown::new();
+        let limits = SessionLimits {
+            max_subscriptions: 10,
+        };
+        let mut s = Session::new(
+            hub.clone(),
+            limits,
+            None,
+            shutdown.clone(),
+            ticket(&hub),
+            anonymous(),
+        );
+        let cx = Context::from_waker(noop_waker_ref());
+        assert!(!s.is_quiet(&cx), "never polled");
+        s.subscribe("A");
+        drain(&mut s);
+        assert!(s.is_quiet(&cx), "drained and waiting");
+        hub.publish("B", 2.0, 0).unwrap();
+        assert!(s.is_quiet(&cx), "a symbol it does not want");
+        hub.publish("A", 2.0, 0).unwrap();
+        assert!(!s.is_quiet(&cx), "its symbol ticked");
+        assert_eq!(kinds(&drain(&mut s)), [(Kind::Tick, 2)]);
+        assert!(s.is_quiet(&cx));
+        s.subscribe_with(
+            "B",
+            Policy::Conflate {
+                every: Duration::from_millis(10),
+            },
+            None,
+        );
+        drain(&mut s);
+        assert!(!s.is_quiet(&cx), "CONFLATE wakes without the bell");
+        s.unsubscribe("B", "test");
+        drain(&mut s);
+        assert!(s.is_quiet(&cx));
+        shutdown.trigger();
+        assert!(!s.is_quiet(&cx), "shutting down");
     }
 
     #[test]
