@@ -743,14 +743,16 @@ mod tests {
     }
 
     fn session(hub: &Hub) -> Session {
-        let limits = SessionLimits {
-            max_subscriptions: 10,
-        };
+        session_until(hub, &Shutdown::new(), 10)
+    }
+
+    fn session_until(hub: &Hub, shutdown: &Shutdown, max_subscriptions: usize) -> Session {
+        let limits = SessionLimits { max_subscriptions };
         Session::new(
             hub.clone(),
             limits,
             None,
-            Shutdown::new(),
+            shutdown.clone(),
             ticket(hub),
             anonymous(),
         )
@@ -787,17 +789,7 @@ mod tests {
         hub.publish("A", 1.0, 0).unwrap();
         hub.publish("B", 1.0, 0).unwrap();
         let shutdown = Shutdown::new();
-        let limits = SessionLimits {
-            max_subscriptions: 10,
-        };
-        let mut s = Session::new(
-            hub.clone(),
-            limits,
-            None,
-            shutdown.clone(),
-            ticket(&hub),
-            anonymous(),
-        );
+        let mut s = session_until(&hub, &shutdown, 10);
         let cx = Context::from_waker(noop_waker_ref());
         assert!(!s.is_quiet(&cx), "never polled");
         s.subscribe("A");
@@ -966,11 +958,7 @@ mod tests {
     fn shutdown_ends_the_stream_with_unavailable() {
         let hub = Hub::new(HubConfig::default());
         let shutdown = Shutdown::new();
-        let ticket = ticket(&hub);
-        let limits = SessionLimits {
-            max_subscriptions: 1,
-        };
-        let mut s = Session::new(hub, limits, None, shutdown.clone(), ticket, anonymous());
+        let mut s = session_until(&hub, &shutdown, 1);
         let mut cx = Context::from_waker(noop_waker_ref());
         assert!(Pin::new(&mut s).poll_next(&mut cx).is_pending());
         shutdown.trigger();
