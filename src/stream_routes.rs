@@ -4,11 +4,12 @@
 //! `SessionBody`, which writes gRPC messages itself. Every other RPC goes on to tonic.
 //!
 //! Why: each wake-up of a stream went through tonic's `EncodeBody` and four boxed or
-//! mapped body layers (router, axum, `Grpc`) before reaching the session; they were ~15%
-//! of the server's CPU at 500k deliveries/s. Here a woken stream is one boxed body
-//! around the session, and a lone tick goes out as the hub's own bytes (`Tick::framed`)
-//! without a copy. The server installs the layer inside `observe`'s, so these RPCs are
-//! counted like the others.
+//! mapped body layers (router, axum, `Grpc`) before reaching the session. Here a woken
+//! stream is one boxed body around the session, which can skip a quiet session
+//! (`Session::is_quiet`) before any work; a lone tick goes out as the hub's own bytes
+//! (`Tick::framed`) without a copy, and an idle stream holds no encode buffer (README,
+//! "Performance", for what each measured). The server installs the layer inside
+//! `observe`'s, so these RPCs are counted like the others.
 
 use std::{
     convert::Infallible,
