@@ -188,12 +188,17 @@ impl Decoder for ResponseDecoder {
     }
 }
 
+/// A client that sends and reads raw bytes (`RawCodec`), ready for a call.
+async fn raw_grpc(server: &TestServer) -> tonic::client::Grpc<tonic::transport::Channel> {
+    let mut grpc = tonic::client::Grpc::new(server.channel().await);
+    grpc.ready().await.unwrap();
+    grpc
+}
+
 #[tokio::test]
 async fn publish_ends_with_invalid_argument_on_undecodable_bytes_after_applying_earlier_ticks() {
     let server = TestServer::start().await;
-    let channel = server.channel().await;
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.unwrap();
+    let mut grpc = raw_grpc(&server).await;
     let good = |p: f64| Bytes::from(PublishRequest::new("RAW", p).encode_to_vec());
     // A field tag with wire type 7 does not exist: not a protobuf message.
     let junk = Bytes::from_static(&[0x0f, 0xff, 0xff]);
@@ -226,9 +231,7 @@ async fn publish_ends_with_invalid_argument_on_undecodable_bytes_after_applying_
 #[tokio::test]
 async fn subscribe_without_its_request_message_is_invalid_argument() {
     let server = TestServer::start().await;
-    let channel = server.channel().await;
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.unwrap();
+    let mut grpc = raw_grpc(&server).await;
     let path = tonic::codegen::http::uri::PathAndQuery::from_static(
         "/ticker.v1.TickerStreamService/Subscribe",
     );
