@@ -30,7 +30,7 @@ use tower_service::Service;
 
 use crate::{
     codec::{Outbound, RequestDecoder},
-    hub::GRPC_PREFIX,
+    hub::{put_grpc_message, GRPC_PREFIX},
     pb::{ticker_stream_service_server::TickerStreamService, SubscribeRequest, TickerRequest},
     service::TickerService,
     session::Session,
@@ -262,10 +262,7 @@ impl SessionBody {
                 self.check_size(len)?;
                 self.spill_lone();
                 self.buf.reserve(GRPC_PREFIX + len);
-                self.buf.put_u8(0);
-                // Fits: `check_size` refused anything past u32.
-                self.buf.put_u32(len as u32);
-                msg.encode_raw(&mut self.buf);
+                put_grpc_message(&msg, &mut self.buf);
             }
         }
         Ok(())

@@ -573,13 +573,19 @@ pub const GRPC_PREFIX: usize = 5;
 
 /// `msg` as one uncompressed gRPC message.
 fn grpc_framed(msg: &TickerResponse) -> Bytes {
-    let len = msg.encoded_len();
-    let mut buf = Vec::with_capacity(GRPC_PREFIX + len);
-    buf.push(0);
-    // A tick is far below 4 GiB: a symbol and a few numbers.
-    buf.extend_from_slice(&(len as u32).to_be_bytes());
-    msg.encode_raw(&mut buf);
+    let mut buf = Vec::with_capacity(GRPC_PREFIX + msg.encoded_len());
+    put_grpc_message(msg, &mut buf);
     Bytes::from(buf)
+}
+
+/// Appends `msg` to `buf` as one uncompressed gRPC message: prefix, then protobuf.
+/// The caller keeps messages under 4 GiB (ticks and control replies are tiny; the
+/// encoding limit is checked by the stream before it frames).
+pub fn put_grpc_message(msg: &impl Message, buf: &mut impl bytes::BufMut) {
+    let len = msg.encoded_len();
+    buf.put_u8(0);
+    buf.put_u32(len as u32);
+    msg.encode_raw(buf);
 }
 
 #[cfg(test)]

@@ -7,9 +7,10 @@
 //! `Pending`, so all ready ticks leave in one DATA frame. A stream that cannot keep up
 //! falls behind in the hub's bounded rings; the hub drops the oldest, and the session
 //! turns the resulting seq gap into a KIND_LAGGED notice (with the exact count) just
-//! before the next tick, or, for a STRICT subscription, ends the stream. A backlog past half the ring is
-//! announced first (KIND_BACKLOG). CONFLATE subscriptions never fall behind: the hub
-//! folds their ticks (`conflator`) and the session takes the fold at their rate.
+//! before the next tick, or, for a STRICT subscription, ends the stream. A backlog
+//! past half the ring is announced first (KIND_BACKLOG). CONFLATE subscriptions never
+//! fall behind: the hub folds their ticks (`conflator`) and the session takes the fold
+//! at their rate.
 //! `policy` holds the per-subscription parts. The session's `Bell` (in the hub's ring)
 //! also says when the client's requests need a poll.
 
