@@ -209,18 +209,21 @@ fn respond(
 
 /// A session's response body: every message it has ready, gRPC-framed, in one chunk;
 /// then the trailers with the status it ended with.
+#[repr(C)]
 pub struct SessionBody {
+    // In this order so that a quiet poll reads one line of this struct and the
+    // session's first ones (see `Session`).
+    done: bool,
+    /// How the stream ended, once it has; sent as trailers after the data in hand.
+    end: Option<Status>,
+    max_message: usize,
     session: Session,
-    /// Messages framed since the last chunk (allocated on first use: an idle stream
-    /// holds none).
-    buf: BytesMut,
     /// A tick that is the only message so far: sent as the hub's bytes unless another
     /// message joins it.
     lone: Option<Bytes>,
-    /// How the stream ended, once it has; sent as trailers after the data in hand.
-    end: Option<Status>,
-    done: bool,
-    max_message: usize,
+    /// Messages framed since the last chunk (allocated on first use: an idle stream
+    /// holds none).
+    buf: BytesMut,
 }
 
 impl SessionBody {
