@@ -28,16 +28,23 @@ fn buffer_settings() -> BufferSettings {
 pub enum Outbound {
     /// A live tick, already encoded by the hub.
     Tick(Arc<Tick>),
-    /// Anything else: acks, snapshots, rejections, lag notices.
-    Message(TickerResponse),
+    /// Anything else: acks, snapshots, rejections, lag notices. Boxed so that an
+    /// `Outbound` is two words: every delivered tick is moved through several
+    /// `Poll<Option<Result<…>>>` returns, and copying the ~200-byte message variant's
+    /// room each time was a measurable share of the session's instructions.
+    Message(Box<TickerResponse>),
 }
 
 impl Outbound {
+    pub fn message(response: TickerResponse) -> Outbound {
+        Outbound::Message(Box::new(response))
+    }
+
     /// The message as a client will decode it (for tests and in-process consumers).
     pub fn to_response(&self) -> TickerResponse {
         match self {
             Outbound::Tick(tick) => tick.to_response(crate::pb::ticker_response::Kind::Tick),
-            Outbound::Message(m) => m.clone(),
+            Outbound::Message(m) => (**m).clone(),
         }
     }
 }
