@@ -804,6 +804,18 @@ mod tests {
         )
     }
 
+    /// A session subscribed to `symbols` (each published once first), its acks and
+    /// snapshots drained.
+    fn subscribed(hub: &Hub, symbols: &[&str]) -> Session {
+        let mut s = session(hub);
+        for sym in symbols {
+            hub.publish(sym, 1.0, 0).unwrap();
+            s.subscribe(sym);
+        }
+        drain(&mut s);
+        s
+    }
+
     /// Everything the session yields before it would wait.
     fn drain(session: &mut Session) -> Vec<TickerResponse> {
         let mut cx = Context::from_waker(noop_waker_ref());
@@ -939,13 +951,7 @@ mod tests {
     #[test]
     fn round_robin_serves_every_symbol() {
         let hub = Hub::new(HubConfig::default());
-        for s in ["A", "B"] {
-            hub.publish(s, 1.0, 0).unwrap();
-        }
-        let mut s = session(&hub);
-        s.subscribe("A");
-        s.subscribe("B");
-        drain(&mut s);
+        let mut s = subscribed(&hub, &["A", "B"]);
         for _ in 0..3 {
             hub.publish("A", 1.0, 0).unwrap();
             hub.publish("B", 1.0, 0).unwrap();
@@ -957,12 +963,7 @@ mod tests {
     #[test]
     fn round_robin_resumes_after_the_last_served_subscription() {
         let hub = Hub::new(HubConfig::default());
-        let mut s = session(&hub);
-        for sym in ["A", "B", "C", "D"] {
-            hub.publish(sym, 1.0, 0).unwrap();
-            s.subscribe(sym);
-        }
-        drain(&mut s);
+        let mut s = subscribed(&hub, &["A", "B", "C", "D"]);
         for sym in ["B", "B", "B", "D", "A"] {
             hub.publish(sym, 1.0, 0).unwrap();
         }
@@ -977,12 +978,7 @@ mod tests {
     #[test]
     fn news_of_a_subscription_removed_before_it_was_read_is_ignored() {
         let hub = Hub::new(HubConfig::default());
-        let mut s = session(&hub);
-        for sym in ["A", "B", "C"] {
-            hub.publish(sym, 1.0, 0).unwrap();
-            s.subscribe(sym);
-        }
-        drain(&mut s);
+        let mut s = subscribed(&hub, &["A", "B", "C"]);
         hub.publish("C", 2.0, 0).unwrap();
         s.unsubscribe("C", "");
         assert!(
@@ -998,12 +994,7 @@ mod tests {
     #[test]
     fn news_reaches_a_subscription_whose_place_moved() {
         let hub = Hub::new(HubConfig::default());
-        let mut s = session(&hub);
-        for sym in ["A", "B", "C"] {
-            hub.publish(sym, 1.0, 0).unwrap();
-            s.subscribe(sym);
-        }
-        drain(&mut s);
+        let mut s = subscribed(&hub, &["A", "B", "C"]);
         s.unsubscribe("A", "");
         drain(&mut s);
         // C moved from place 2 to 1: its ticks must mark bit 1 now.
