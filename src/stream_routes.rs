@@ -149,20 +149,26 @@ fn check_uncompressed<B>(request: &http::Request<B>) -> Result<(), Status> {
     }
 }
 
+/// The request messages of `body`, decoded as tonic's generated code would.
+fn decode_requests<M>(body: Body, limits: MessageLimits) -> Streaming<M>
+where
+    M: Message + Default + Send + 'static,
+{
+    Streaming::new_request(
+        RequestDecoder::<M>::default(),
+        body,
+        None,
+        Some(limits.max_decoding),
+    )
+}
+
 async fn ticker_stream(
     service: &TickerService,
     request: http::Request<Body>,
     limits: MessageLimits,
 ) -> Result<tonic::Response<Session>, Status> {
     check_uncompressed(&request)?;
-    let request = request.map(|body| {
-        Streaming::new_request(
-            RequestDecoder::<TickerRequest>::default(),
-            body,
-            None,
-            Some(limits.max_decoding),
-        )
-    });
+    let request = request.map(|body| decode_requests::<TickerRequest>(body, limits));
     service.ticker_stream(Request::from_http(request)).await
 }
 
@@ -173,12 +179,7 @@ async fn subscribe(
 ) -> Result<tonic::Response<Session>, Status> {
     check_uncompressed(&request)?;
     let (parts, body) = request.into_parts();
-    let mut messages = Streaming::new_request(
-        RequestDecoder::<SubscribeRequest>::default(),
-        body,
-        None,
-        Some(limits.max_decoding),
-    );
+    let mut messages = decode_requests::<SubscribeRequest>(body, limits);
     let message = messages.message().await?.ok_or_else(|| {
         Status::invalid_argument("Subscribe takes one SubscribeRequest; the request had none")
     })?;

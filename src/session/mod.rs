@@ -605,7 +605,7 @@ impl Session {
         if dropped > 0 && sub.policy == Policy::Strict {
             let status = Status::resource_exhausted(format!(
                 "slow consumer: this stream fell {dropped} ticks behind on {} (STRICT); \
-                     last seq delivered {} in epoch {}: resume from it",
+                 last seq delivered {} in epoch {}: resume from it",
                 sub.symbol, sub.last_seq, tick.epoch
             ));
             return Some(Err((ended::SLOW_CONSUMER, status)));
