@@ -37,8 +37,8 @@ fn main() -> Result<(), Box<dyn Error>> {
             .output_type(output)
             .codec_path(codec)
     };
-    let outbound = "crate::codec::OutboundCodec";
-    let prost = "crate::codec::MessageCodec";
+    let outbound = "crate::transport::grpc::codec::OutboundCodec";
+    let prost = "crate::transport::grpc::codec::MessageCodec";
     let service = tonic_build::manual::Service::builder()
         .name("TickerStreamService")
         .package("ticker.v1")
@@ -47,7 +47,7 @@ fn main() -> Result<(), Box<dyn Error>> {
                 "ticker_stream",
                 "TickerStream",
                 "TickerRequest",
-                "crate::codec::Outbound",
+                "crate::session::Outbound",
                 outbound,
             )
             .client_streaming()
@@ -59,7 +59,7 @@ fn main() -> Result<(), Box<dyn Error>> {
                 "subscribe",
                 "Subscribe",
                 "SubscribeRequest",
-                "crate::codec::Outbound",
+                "crate::session::Outbound",
                 outbound,
             )
             .server_streaming()

@@ -20,7 +20,7 @@ use rand::{rngs::SmallRng, seq::index::sample, Rng, SeedableRng};
 use tickerd::{
     auth::{Authenticator, Principal},
     hub::{Hub, HubConfig},
-    metrics::Metrics,
+    ops::metrics::Metrics,
     session::{Caller, Session, SessionLimits},
     shutdown::Shutdown,
 };

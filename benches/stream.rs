@@ -10,10 +10,10 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use prost::Message;
 use tickerd::{
     client::{self, Kind},
-    config::Config,
     feed::FeedKind,
     hub::Hub,
     pb::{TickerRequest, TickerResponse},
+    server::config::Config,
     server::Server,
 };
 use tokio::{runtime::Runtime, sync::Semaphore};

@@ -1,35 +1,34 @@
 //! tickerd: a real-time market-data fan-out server over gRPC.
 //!
-//! Data flows feed → [`hub`] (per-symbol rings, last value, seq) → [`session`] (one
-//! client stream) → [`service`] (gRPC status mapping, [`auth`] per call) → [`server`]
-//! (limits, lifecycle; [`tls`] and [`incoming`] for connections).
-//! [`client`] holds what the `ticker` CLI and the tests use to talk to a server.
+//! The modules follow a tick's path. [`feed`] (simulator, CSV replay) and the Publish
+//! RPC write into the [`hub`] (per-symbol seq, last value, history, rings, CONFLATE
+//! folds); a [`session`] is one client stream draining the hub under backpressure
+//! (subscriptions, policies, lag notices); a [`transport`] carries sessions to clients
+//! (gRPC with its own response body; connections, TLS and I/O threads); the [`server`]
+//! assembles them (flags, limits, health, lifecycle). [`auth`] decides who may do what;
+//! [`ops`] is what operators see (metrics, the HTTP endpoint, RPC accounting, logs).
+//! [`wire`] is gRPC's message framing, shared by the hub's encode-once ticks and the
+//! transports. [`client`], [`cli`] and [`loadgen`] are the client side.
+//!
+//! Dependencies run one way, from the server down: server → transport → session →
+//! hub → wire; `auth`, `ops`, `clock`, `symbol` and `shutdown` sit beside, imported by
+//! the layers above them and importing none of them.
 #![forbid(unsafe_code)]
 
-pub mod admin;
 pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod clock;
-pub mod codec;
-pub mod config;
-pub mod conflator;
-pub mod devcerts;
 pub mod feed;
 pub mod hub;
-pub mod incoming;
 pub mod loadgen;
-pub mod metrics;
-pub mod observe;
+pub mod ops;
 pub mod server;
-pub mod service;
 pub mod session;
-pub mod shards;
 pub mod shutdown;
-pub mod stream_routes;
 pub mod symbol;
-pub mod telemetry;
-pub mod tls;
+pub mod transport;
+pub mod wire;
 
 /// The `ticker.v1` contract: messages and client (prost), server trait (tonic-build).
 #[allow(clippy::all, clippy::pedantic)]

@@ -229,7 +229,7 @@ async fn subscribe_reports_the_gap_when_the_outage_outlasts_the_history() {
         gap.contains("missed 3 ticks during the outage (last seen seq 3, now seq 7)"),
         "{gap}"
     );
-    cli.err_line("snapshot GAP: last 13 (seq 7").await;
+    cli.err_line("snapshot GAP: last 13.0000 (seq 7").await;
     let mut client = server.client().await;
     publish(&mut client, ticks("GAP", 1)).await;
     cli.out_line("seq 8").await;
@@ -326,7 +326,7 @@ async fn streams_lists_the_open_streams() {
             .finish()
             .await;
     assert_eq!(code, 0);
-    let list: Vec<tickerd::metrics::StreamView> = serde_json::from_str(&out).expect(&out);
+    let list: Vec<tickerd::ops::metrics::StreamView> = serde_json::from_str(&out).expect(&out);
     assert_eq!(list.len(), 1);
 }
 

@@ -5,7 +5,7 @@ mod common;
 
 use common::{end, publish, ticks, within, Stream, TestServer};
 use prometheus_parse::{Scrape, Value};
-use tickerd::{client::Kind, metrics::StreamView};
+use tickerd::{client::Kind, ops::metrics::StreamView};
 use tonic::Code;
 
 async fn scrape(server: &TestServer) -> Scrape {

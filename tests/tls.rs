@@ -9,7 +9,7 @@ use common::{
 use std::time::Duration;
 use tickerd::{
     client::{self, Kind},
-    devcerts::{DevCa, Validity, LOCAL_NAMES},
+    transport::devcerts::{DevCa, Validity, LOCAL_NAMES},
 };
 use tokio::io::AsyncReadExt;
 

@@ -1,18 +1,26 @@
 //! Who is calling and what they may see: the `Authenticator` turns a request's
-//! `authorization: Bearer` token (`jwt`) or client certificate (`incoming::PeerInfo`)
+//! `authorization: Bearer` token (`jwt`) or client certificate (`PeerInfo`, filled in by
+//! the transport's `incoming`)
 //! into a `Principal` with per-symbol entitlements, a publish right and an expiry.
 //! The service asks it on every call and the session on every in-band token refresh;
 //! neither reason nor token ever reaches the caller or the log from here.
 
 pub mod jwt;
 
-use std::{collections::HashSet, sync::Arc, time::SystemTime};
+use std::{collections::HashSet, net::SocketAddr, sync::Arc, time::SystemTime};
 
 use tonic::metadata::MetadataMap;
 
 pub use jwt::{mint, JwtError, JwtKey, JwtSettings, JwtVerifier, MintClaims};
 
-use crate::incoming::PeerInfo;
+/// Who is at the other end of a connection, as the transport accepted it; tonic puts
+/// it in every request's extensions.
+#[derive(Debug, Clone, Default)]
+pub struct PeerInfo {
+    pub addr: Option<SocketAddr>,
+    /// Subject of the verified client certificate (mTLS), e.g. `CN=alice`.
+    pub client_subject: Option<Arc<str>>,
+}
 
 /// Longest accepted token, in bytes: more is refused before any parsing.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;

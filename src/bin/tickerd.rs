@@ -4,7 +4,10 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use tickerd::{config::Config, server::Server, telemetry};
+use tickerd::{
+    ops::telemetry,
+    server::{config::Config, Server},
+};
 
 fn main() -> ExitCode {
     // Single-threaded: this thread is the first of --io-threads; the server starts the

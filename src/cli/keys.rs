@@ -12,7 +12,7 @@ use clap::Args;
 use super::connect::{exit, CliError};
 use crate::{
     auth::{self, jwt::read_secret, MintClaims},
-    devcerts::{DevCa, Validity, LOCAL_NAMES},
+    transport::devcerts::{DevCa, Validity, LOCAL_NAMES},
 };
 
 #[derive(Args, Debug, Clone)]

@@ -10,7 +10,7 @@ use tokio::{
 };
 
 use super::connect::{exit, CliError};
-use crate::metrics::StreamView;
+use crate::ops::metrics::StreamView;
 
 #[derive(Args, Debug, Clone)]
 pub struct StreamsArgs {

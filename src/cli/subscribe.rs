@@ -98,8 +98,8 @@ fn print_tick(tick: &TickerResponse, change: f64, json: bool) {
 /// A control event as a sentence for stderr.
 pub fn describe(event: &Event) -> String {
     match event {
-        Event::Tick(t) => format!("tick {} {}", t.symbol, t.ltp),
-        Event::Snapshot(t) => format!("snapshot {}: last {} (seq {}, {})", t.symbol, t.ltp, t.seq, t.timestamp),
+        Event::Tick(t) => format!("tick {} {:.4}", t.symbol, t.ltp),
+        Event::Snapshot(t) => format!("snapshot {}: last {:.4} (seq {}, {})", t.symbol, t.ltp, t.seq, t.timestamp),
         Event::Subscribed(s) => format!("subscribed {s}"),
         Event::Unsubscribed(s) => format!("unsubscribed {s}"),
         Event::Rejected { symbol, detail } => format!("rejected {symbol:?}: {detail}"),
@@ -178,5 +178,20 @@ mod tests {
         assert_eq!(parse_command(""), None);
         assert!(parse_command("AAPL").unwrap().is_err());
         assert!(parse_command("+").unwrap().is_err());
+    }
+
+    #[test]
+    fn snapshots_print_prices_as_ticks_do() {
+        let snapshot = TickerResponse {
+            symbol: "SYM01".into(),
+            ltp: 378.794_859_008_937_75,
+            seq: 7,
+            timestamp: "2026-12-04T00:00:00.000000000Z".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            describe(&Event::Snapshot(snapshot)),
+            "snapshot SYM01: last 378.7949 (seq 7, 2026-12-04T00:00:00.000000000Z)"
+        );
     }
 }

@@ -1,13 +1,16 @@
 //! The hub: per-symbol seq (within the hub's epoch), last value, bounded history and
 //! bounded ring of live ticks (`ring`). Feeds and the Publish RPC write into it
-//! (`publish`); sessions read from it (`subscribe_with`), through a ring `Receiver` or
-//! a `Conflator`.
+//! (`publish`); sessions read from it (`subscribe_with`), through a ring `Receiver` or,
+//! for CONFLATE, a `Conflator` on the symbol's fold (`conflation`). Each tick is framed
+//! once (`tick`, with `wire`'s gRPC framing). The hub imports no session or transport.
 //!
 //! Publishing never waits for a subscriber: a ring keeps the latest `channel_capacity`
 //! ticks, so a receiver that falls that far behind loses the oldest (and sees the seq
 //! gap). Each tick is encoded once, here, and its bytes are shared by every stream.
 
+mod conflation;
 mod ring;
+mod tick;
 
 use std::{
     collections::VecDeque,
@@ -18,54 +21,18 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
 use dashmap::{mapref::entry::Entry, DashMap};
-use prost::Message;
 
-use crate::conflator::Conflation;
-pub use crate::conflator::{Conflator, Fold};
 use crate::{
     clock,
-    pb::{ticker_response::Kind, TickerResponse},
     symbol::{self, Symbol, SymbolError},
 };
+use conflation::Conflation;
+pub use conflation::{Conflator, Fold};
 use ring::Ring;
 pub use ring::{Bell, Receiver};
-
-/// One accepted tick. Shared (`Arc`) by the last-value slot and every receiver.
-#[derive(Debug)]
-pub struct Tick {
-    pub symbol: Symbol,
-    pub seq: u64,
-    pub epoch: u64,
-    pub ltp: f64,
-    pub event_time_unix_nanos: i64,
-    /// The `TickerResponse` (kind KIND_TICK) as one gRPC message: the 5-byte prefix
-    /// (uncompressed, length) and the protobuf bytes, encoded once. A stream with only
-    /// this tick ready sends these very bytes.
-    pub framed: Bytes,
-}
-
-impl Tick {
-    /// The protobuf bytes of `framed`, without the gRPC prefix.
-    pub fn encoded(&self) -> &[u8] {
-        &self.framed[GRPC_PREFIX..]
-    }
-
-    /// This tick as a message of the given kind (snapshots, quotes).
-    pub fn to_response(&self, kind: Kind) -> TickerResponse {
-        TickerResponse {
-            symbol: self.symbol.to_string(),
-            ltp: self.ltp,
-            timestamp: clock::rfc3339_nanos(self.event_time_unix_nanos),
-            seq: self.seq,
-            epoch: self.epoch,
-            event_time_unix_nanos: self.event_time_unix_nanos,
-            kind: kind as i32,
-            ..Default::default()
-        }
-    }
-}
+use tick::encode_tick;
+pub use tick::Tick;
 
 /// Hub limits; see the matching `--` flags in `config`.
 #[derive(Debug, Clone)]
@@ -542,55 +509,12 @@ fn new_epoch() -> u64 {
     (clock::now_unix_nanos() as u64).wrapping_add(made).max(1)
 }
 
-fn encode_tick(
-    symbol: &Symbol,
-    seq: u64,
-    epoch: u64,
-    ltp: f64,
-    event_time_unix_nanos: i64,
-) -> Tick {
-    let msg = TickerResponse {
-        symbol: symbol.to_string(),
-        ltp,
-        timestamp: clock::rfc3339_nanos(event_time_unix_nanos),
-        seq,
-        epoch,
-        event_time_unix_nanos,
-        ..Default::default()
-    };
-    Tick {
-        symbol: Arc::clone(symbol),
-        seq,
-        epoch,
-        ltp,
-        event_time_unix_nanos,
-        framed: grpc_framed(&msg),
-    }
-}
-
-/// Bytes of the gRPC message prefix: compressed flag and big-endian length.
-pub const GRPC_PREFIX: usize = 5;
-
-/// `msg` as one uncompressed gRPC message.
-fn grpc_framed(msg: &TickerResponse) -> Bytes {
-    let mut buf = Vec::with_capacity(GRPC_PREFIX + msg.encoded_len());
-    put_grpc_message(msg, &mut buf);
-    Bytes::from(buf)
-}
-
-/// Appends `msg` to `buf` as one uncompressed gRPC message: prefix, then protobuf.
-/// The caller keeps messages under 4 GiB (ticks and control replies are tiny; the
-/// encoding limit is checked by the stream before it frames).
-pub fn put_grpc_message(msg: &impl Message, buf: &mut impl bytes::BufMut) {
-    let len = msg.encoded_len();
-    buf.put_u8(0);
-    buf.put_u32(len as u32);
-    msg.encode_raw(buf);
-}
-
 #[cfg(test)]
 mod tests {
+    use prost::Message;
+
     use super::*;
+    use crate::pb::{ticker_response::Kind, TickerResponse};
 
     fn hub(capacity: usize) -> Hub {
         Hub::new(HubConfig {

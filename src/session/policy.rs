@@ -7,8 +7,7 @@ use std::{collections::VecDeque, sync::Arc, time::Duration};
 use tokio::time::Instant;
 
 use crate::{
-    conflator::{Conflator, Fold},
-    hub::{Receiver, ResumePoint, SeqWatch, Tick},
+    hub::{Conflator, Fold, Receiver, ResumePoint, SeqWatch, Tick},
     pb::{ticker_request::DeliveryPolicy, ticker_response::Kind, TickerRequest, TickerResponse},
     symbol::Symbol,
 };

@@ -15,12 +15,12 @@ use std::{
 use tickerd::{
     auth::MintClaims,
     client::{self, Client, Kind},
-    config::Config,
-    devcerts::{DevCa, Pem, Validity, LOCAL_NAMES},
     hub::Hub,
     pb::{PublishRequest, PublishResponse, TickerRequest, TickerResponse},
+    server::config::Config,
     server::Server,
-    service::TickerService,
+    transport::devcerts::{DevCa, Pem, Validity, LOCAL_NAMES},
+    transport::grpc::TickerService,
 };
 use tokio::{net::TcpListener, sync::mpsc, sync::oneshot, task::JoinHandle};
 use tokio_stream::wrappers::ReceiverStream;

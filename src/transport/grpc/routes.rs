@@ -28,12 +28,11 @@ use tonic::{body::Body, Request, Status, Streaming};
 use tower_layer::Layer;
 use tower_service::Service;
 
+use super::{codec::RequestDecoder, service::TickerService};
 use crate::{
-    codec::{Outbound, RequestDecoder},
-    hub::{put_grpc_message, GRPC_PREFIX},
     pb::{ticker_stream_service_server::TickerStreamService, SubscribeRequest, TickerRequest},
-    service::TickerService,
-    session::Session,
+    session::{Outbound, Session},
+    wire::{put_grpc_message, GRPC_PREFIX},
 };
 
 const TICKER_STREAM: &str = "/ticker.v1.TickerStreamService/TickerStream";

@@ -15,7 +15,7 @@ use http_body::{Body, Frame};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::metrics::{MethodCodeLabel, MethodLabel, Metrics};
+use super::metrics::{MethodCodeLabel, MethodLabel, Metrics};
 
 #[derive(Clone)]
 pub struct RpcMetricsLayer {

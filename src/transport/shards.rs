@@ -14,8 +14,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::{CancellationToken, DropGuard, WaitForCancellationFutureOwned};
 
 use crate::{
-    incoming::{HandOff, Incoming, IncomingOptions},
-    metrics::Metrics,
+    ops::metrics::Metrics,
+    transport::incoming::{HandOff, Incoming, IncomingOptions},
 };
 
 /// How one I/O thread ended.

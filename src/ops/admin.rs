@@ -13,7 +13,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{metrics::Metrics, shutdown::Shutdown};
+use super::metrics::Metrics;
+use crate::shutdown::Shutdown;
 
 /// Serves until `stop` is cancelled. `draining` turns /healthz to 503.
 pub async fn serve(

@@ -1,6 +1,8 @@
-//! CONFLATE delivery: a symbol's `Conflation` is fed by the hub's publisher
-//! (`hub::publish`), and each CONFLATE subscriber's `Conflator` (held by its session)
-//! takes from it, at the subscriber's rate, everything since its last take.
+//! CONFLATE delivery, owned by the hub: a symbol's `Conflation` is fed by the hub's
+//! publisher (`Hub::publish`), and each CONFLATE subscriber's `Conflator` (held by its
+//! session, as a ring `Receiver` is) takes from it, at the subscriber's rate,
+//! everything since its last take. The session decides when to take (`session::policy`);
+//! the fold itself lives here, beside the ring, so the dependency runs one way.
 //!
 //! The publisher's cost per tick does not grow with the number of conflating
 //! subscribers: it updates one open segment, not one fold per subscriber. Segments
@@ -20,7 +22,7 @@ use std::{
 
 use futures_util::task::AtomicWaker;
 
-use crate::hub::Tick;
+use super::Tick;
 
 /// The conflating subscribers of one symbol, shared by the hub and their `Conflator`s.
 pub(crate) struct Conflation {

@@ -26,15 +26,8 @@ use tokio::{
 use tokio_rustls::{server::TlsStream, Accept};
 use tonic::transport::server::Connected;
 
-use crate::{metrics::Metrics, tls::Tls};
-
-/// Who is at the other end of a connection; tonic puts it in every request's extensions.
-#[derive(Debug, Clone, Default)]
-pub struct PeerInfo {
-    pub addr: Option<SocketAddr>,
-    /// Subject of the verified client certificate (mTLS), e.g. `CN=alice`.
-    pub client_subject: Option<Arc<str>>,
-}
+use super::tls::{self, Tls};
+use crate::{auth::PeerInfo, ops::metrics::Metrics};
 
 /// TCP and TLS options of accepted connections.
 #[derive(Clone)]
@@ -210,7 +203,7 @@ impl Stream for Incoming {
                         .1
                         .peer_certificates()
                         .and_then(|certs| certs.first())
-                        .and_then(crate::tls::client_subject)
+                        .and_then(tls::client_subject)
                         .map(Arc::from);
                     let peer = PeerInfo {
                         addr: Some(addr),

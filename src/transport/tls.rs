@@ -220,7 +220,7 @@ pub fn client_subject(der: &CertificateDer<'_>) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devcerts::{DevCa, Validity, LOCAL_NAMES};
+    use crate::transport::devcerts::{DevCa, Validity, LOCAL_NAMES};
 
     fn files(dir: &Path, cert: &str, key: &str) -> TlsFiles {
         std::fs::write(dir.join("cert.pem"), cert).unwrap();

@@ -1,7 +1,10 @@
-//! The server: builds the hub, the feed and the service from a `Config`, serves them with
-//! health and reflection under explicit HTTP/2 limits on a listener the caller bound
-//! (with TLS when configured: `incoming`, `tls`; on `--io-threads` threads: `shards`),
-//! and drains on the caller's shutdown future. The `tickerd` binary is a thin wrapper.
+//! The server: builds the hub, the feed and the service from a `Config` (`config`, every
+//! flag), serves them with health and reflection under explicit HTTP/2 limits on a
+//! listener the caller bound (with TLS when configured: `transport::incoming`,
+//! `transport::tls`; on `--io-threads` threads: `transport::shards`), and drains on the
+//! caller's shutdown future. The `tickerd` binary is a thin wrapper.
+
+pub mod config;
 
 use std::{future::Future, io, path::PathBuf, time::Duration};
 
@@ -10,23 +13,23 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic_health::ServingStatus;
 
+pub use config::Config;
+
 use crate::{
-    admin,
     auth::{jwt::JwtKeyError, Authenticator, JwtVerifier},
-    config::Config,
     feed::{self, Feed, FeedKind, Replay, Simulator},
     hub::{Hub, HubConfig},
-    incoming::{Incoming, IncomingOptions},
-    metrics::Metrics,
-    observe::RpcMetricsLayer,
+    ops::{admin, metrics::Metrics, observe::RpcMetricsLayer},
     pb::{self, ticker_stream_service_server::TickerStreamServiceServer},
-    service::{ServiceLimits, TickerService},
     session::SessionLimits,
-    shards::{ShardError, Shards},
     shutdown::Shutdown,
-    stream_routes::{MessageLimits, StreamRoutesLayer},
     symbol::{self, Symbol},
-    tls::{Tls, TlsError},
+    transport::{
+        grpc::{MessageLimits, ServiceLimits, StreamRoutesLayer, TickerService},
+        incoming::{Incoming, IncomingOptions},
+        shards::{ShardError, Shards},
+        tls::{Tls, TlsError},
+    },
 };
 
 /// Why the server could not start or stopped serving. Each message names the input at fault.

@@ -3,12 +3,13 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 
 use crate::{
     auth::{JwtKey, JwtSettings},
     feed::FeedKind,
-    tls::TlsFiles,
+    ops::telemetry::LogFormat,
+    transport::tls::TlsFiles,
 };
 
 /// tickerd: real-time market-data fan-out over gRPC (ticker.v1.TickerStreamService).
@@ -266,14 +267,6 @@ fn positive(s: &str) -> Result<usize, String> {
         Ok(n) if n > 0 => Ok(n),
         _ => Err(format!("{s:?} is not a positive whole number")),
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line, for log shippers.
-    Json,
 }
 
 impl Config {

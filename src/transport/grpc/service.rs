@@ -1,5 +1,5 @@
-//! The `ticker.v1.TickerStreamService` implementation: the only place that speaks
-//! `tonic::Status`. It authenticates every call (`auth`), validates requests, checks
+//! The `ticker.v1.TickerStreamService` implementation: the only place that maps
+//! outcomes to `tonic::Status`. It authenticates every call (`auth`), validates requests, checks
 //! entitlements, admits streams under the server-wide cap and hands them to sessions
 //! (streams) or the hub (Publish, GetQuotes). The server mounts it, and puts
 //! reflection behind the same `AuthGuard`.
@@ -10,16 +10,16 @@ use tokio::sync::Semaphore;
 use tonic::{service::Interceptor, Request, Response, Status, Streaming};
 
 use crate::{
+    auth::PeerInfo,
     auth::{Authenticator, Principal},
     clock,
     hub::Hub,
-    incoming::PeerInfo,
-    metrics::{ended, Metrics, StreamTicket},
+    ops::metrics::{ended, Metrics, StreamTicket},
     pb::{
         ticker_response::Kind, ticker_stream_service_server::TickerStreamService, GetQuotesRequest,
         GetQuotesResponse, PublishRequest, PublishResponse, SubscribeRequest, TickerRequest,
     },
-    session::{Caller, Session, SessionLimits},
+    session::{Caller, Requests, Session, SessionLimits},
     shutdown::Shutdown,
     symbol,
 };
@@ -118,7 +118,7 @@ impl TickerService {
     fn session(
         &self,
         ticket: StreamTicket,
-        requests: Option<Streaming<TickerRequest>>,
+        requests: Option<Requests>,
         principal: Principal,
     ) -> Session {
         let caller = Caller {
@@ -172,9 +172,10 @@ impl TickerStreamService for TickerService {
     ) -> Result<Response<Session>, Status> {
         let principal = self.caller(&request)?;
         let ticket = self.admit("TickerStream", &request, &principal)?;
+        let requests: Requests = Box::pin(request.into_inner());
         Ok(Response::new(self.session(
             ticket,
-            Some(request.into_inner()),
+            Some(requests),
             principal,
         )))
     }

@@ -1,12 +1,12 @@
-//! gRPC codecs for the server side. Streamed responses are `Outbound` values: a live
-//! tick is written from the bytes the hub encoded once; control messages are encoded
-//! here. The server writes its streams with `stream_routes` instead; `OutboundCodec`
+//! gRPC codecs for the server side. Streamed responses are the session's `Outbound`
+//! values: a live tick is written from the bytes the hub encoded once; control messages
+//! are encoded here. The server writes its streams with `routes` instead; `OutboundCodec`
 //! serves the generated service (`pb`) when it is mounted without that layer.
 //! Requests that do not decode become INVALID_ARGUMENT (tonic's prost codec says
 //! INTERNAL, which blames the server for a client's bytes): `RequestDecoder`, used by
 //! both.
 
-use std::{marker::PhantomData, sync::Arc};
+use std::marker::PhantomData;
 
 use bytes::BufMut;
 use prost::Message;
@@ -15,38 +15,12 @@ use tonic::{
     Status,
 };
 
-use crate::{hub::Tick, pb::TickerResponse};
+use crate::session::Outbound;
 
 /// Small buffers: tonic allocates `buffer_size` eagerly per stream, and a tick is
 /// under 100 bytes. The yield threshold keeps one batch within one 16 KiB DATA frame.
 fn buffer_settings() -> BufferSettings {
     BufferSettings::new(1024, 16 * 1024)
-}
-
-/// One message on a response stream.
-#[derive(Debug, Clone)]
-pub enum Outbound {
-    /// A live tick, already encoded by the hub.
-    Tick(Arc<Tick>),
-    /// Anything else: acks, snapshots, rejections, lag notices. Boxed so that an
-    /// `Outbound` is two words: every delivered tick is moved through several
-    /// `Poll<Option<Result<…>>>` returns, and copying the ~200-byte message variant's
-    /// room each time was a measurable share of the session's instructions.
-    Message(Box<TickerResponse>),
-}
-
-impl Outbound {
-    pub fn message(response: TickerResponse) -> Outbound {
-        Outbound::Message(Box::new(response))
-    }
-
-    /// The message as a client will decode it (for tests and in-process consumers).
-    pub fn to_response(&self) -> TickerResponse {
-        match self {
-            Outbound::Tick(tick) => tick.to_response(crate::pb::ticker_response::Kind::Tick),
-            Outbound::Message(m) => (**m).clone(),
-        }
-    }
 }
 
 /// Encodes `Outbound`, decodes `D`.

@@ -1,0 +1,14 @@
+//! Transports: how sessions reach clients. Below them the sessions (`session`), above
+//! them the server that mounts them (`server`).
+//!
+//! - `grpc`: the `ticker.v1` service, its codecs, and the response body that writes
+//!   TickerStream and Subscribe straight from their sessions.
+//! - `incoming`: accepted connections (TCP options, bounded TLS handshakes, the peer's
+//!   identity, the connection count); `tls` the certificates behind them, reloadable;
+//!   `shards` the extra `--io-threads`; `devcerts` development certificates.
+
+pub mod devcerts;
+pub mod grpc;
+pub mod incoming;
+pub mod shards;
+pub mod tls;
