@@ -220,7 +220,7 @@ async fn two_hundred_abruptly_dropped_streams_leave_nothing_behind() {
 
 /// The case batching cannot help: ticks trickle out one per DATA frame while a stream
 /// is stalled. tickerd's own client keeps its connection (its windows keep h2's small
-/// frame budget out of reach); see the README on tonic's default windows.
+/// frame budget out of reach); see docs/architecture.md on tonic's default windows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bundled_client_survives_a_stall_under_single_tick_frames() {
     let server = TestServer::with(|c| c.channel_capacity = 64).await;

@@ -7,7 +7,7 @@
 //! Why not a broadcast channel (async-broadcast, the first choice): each of its receivers
 //! keeps an event listener that is re-registered on every poll, so a session woken for
 //! one symbol polled the listeners of all its symbols, about a fifth of the server's CPU
-//! (README, "Performance"). Here a session arms its bell once, right before it sleeps;
+//! (`benches/README.md`). Here a session arms its bell once, right before it sleeps;
 //! a publish rings only armed bells, so a session is woken once however many of its
 //! symbols tick, and reading costs one lock per batch, not per tick. A publish also
 //! marks the reader's bit in the bell's `news`, so a woken session looks only at the

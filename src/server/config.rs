@@ -100,7 +100,7 @@ pub struct Config {
     /// whole connections, handed out in turn as they are accepted, so a connection's
     /// streams and its socket stay on one thread and a burst of ticks leaves in one
     /// write per connection. 1 (the default) uses the least CPU per delivered tick;
-    /// raise it when one core is not enough (README, "Performance").
+    /// raise it when one core is not enough (`benches/README.md`).
     #[arg(long, env = "TICKERD_IO_THREADS", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub io_threads: u16,

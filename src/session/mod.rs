@@ -105,8 +105,8 @@ type Ending = (&'static str, Status);
 /// `repr(C)` and in this order on purpose: the fields every poll reads (`is_quiet`, the
 /// pass over the subscriptions) come first, so a quiet poll reads two or three cache
 /// lines of its `SessionBody` instead of the six the compiler's layout spread them
-/// over. 1,000 sessions do not fit a core's L2, so each such line is a miss (README,
-/// "Performance": callgrind's cache simulation).
+/// over. 1,000 sessions do not fit a core's L2, so each such line is a miss
+/// (`benches/README.md`: callgrind's cache simulation).
 #[repr(C)]
 pub struct Session {
     /// The last poll returned `Pending` (see `is_quiet`).

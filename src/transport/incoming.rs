@@ -323,7 +323,7 @@ impl AsyncWrite for ServerIo {
     /// frame is chained and flushed on its own, one syscall per frame. A stream's
     /// batch of ticks is often 300-1000 bytes, so with the vectored threshold each
     /// stream's frame cost a write; below 1024 the frames of every stream of the
-    /// connection leave together (README, "Performance": writes and CPU per delivery
+    /// connection leave together (`benches/README.md`: writes and CPU per delivery
     /// roughly halved).
     fn is_write_vectored(&self) -> bool {
         false

@@ -6,7 +6,7 @@
 //! streams that want it, and each stream wakes its connection's writer. On one thread
 //! the writer runs after every woken stream has queued its frames, so a burst leaves
 //! in one socket write per connection; work stealing and tokio's LIFO slot run the
-//! writer between streams instead, doubling the writes (README, "Performance").
+//! writer between streams instead, doubling the writes (`benches/README.md`).
 
 use std::{future::Future, io, thread};
 
