@@ -285,6 +285,7 @@ mod tests {
         shutdown.trigger();
         assert!(!s.is_quiet(&cx), "shutting down");
     }
+
     #[test]
     fn every_ready_tick_is_yielded_in_one_poll_pass() {
         let hub = Hub::new(HubConfig::default());
@@ -301,6 +302,7 @@ mod tests {
         let seqs: Vec<u64> = drain(&mut s).iter().map(|m| m.seq).collect();
         assert_eq!(seqs, (2..=11).collect::<Vec<_>>());
     }
+
     #[test]
     fn overflow_becomes_an_exact_lag_notice_before_the_next_tick() {
         let hub = Hub::new(HubConfig {
@@ -325,6 +327,7 @@ mod tests {
             ]
         );
     }
+
     #[test]
     fn a_backlog_past_half_the_channel_is_announced_before_any_loss() {
         let hub = Hub::new(HubConfig {
@@ -355,6 +358,7 @@ mod tests {
         assert!(msgs.iter().all(|m| m.kind() != Kind::Lagged));
         assert_eq!(msgs.len(), 61, "60 ticks and one warning");
     }
+
     #[test]
     fn round_robin_serves_every_symbol() {
         let hub = Hub::new(HubConfig::default());
@@ -366,6 +370,7 @@ mod tests {
         let symbols: String = drain(&mut s).iter().map(|m| m.symbol.clone()).collect();
         assert_eq!(symbols, "ABABAB");
     }
+
     #[test]
     fn round_robin_resumes_after_the_last_served_subscription() {
         let hub = Hub::new(HubConfig::default());
@@ -380,6 +385,7 @@ mod tests {
         );
         assert_eq!(Bits(0b1010_0001).collect::<Vec<_>>(), [0, 5, 7]);
     }
+
     #[test]
     fn past_64_subscriptions_every_one_is_still_served() {
         let hub = Hub::new(HubConfig::default());

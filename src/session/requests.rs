@@ -298,7 +298,7 @@ impl Session {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{drain, kinds, session, session_until, subscribed};
+    use super::super::testing::{drain, kinds, session_until, subscribed, tick_and_drain};
     use super::*;
     use crate::{
         hub::{Hub, HubConfig},
@@ -317,8 +317,7 @@ mod tests {
                 .all(|m| m.symbol != "C" || m.kind != Kind::Tick as i32),
             "C's tick is not delivered after its unsubscribe"
         );
-        hub.publish("A", 2.0, 0).unwrap();
-        assert_eq!(kinds(&drain(&mut s)), [(Kind::Tick, 2)]);
+        assert_eq!(tick_and_drain(&hub, &mut s, "A"), [(Kind::Tick, 2)]);
     }
 
     #[test]
@@ -328,10 +327,8 @@ mod tests {
         s.unsubscribe("A", "");
         drain(&mut s);
         // C moved from place 2 to 1: its ticks must mark bit 1 now.
-        hub.publish("C", 2.0, 0).unwrap();
-        assert_eq!(kinds(&drain(&mut s)), [(Kind::Tick, 2)]);
-        hub.publish("B", 2.0, 0).unwrap();
-        assert_eq!(kinds(&drain(&mut s)), [(Kind::Tick, 2)]);
+        assert_eq!(tick_and_drain(&hub, &mut s, "C"), [(Kind::Tick, 2)]);
+        assert_eq!(tick_and_drain(&hub, &mut s, "B"), [(Kind::Tick, 2)]);
     }
 
     #[test]
@@ -342,8 +339,7 @@ mod tests {
         let again = drain(&mut s);
         assert_eq!(kinds(&again), [(Kind::Subscribed, 0)]);
         assert_eq!(again[0].detail, "already subscribed");
-        hub.publish("A", 2.0, 0).unwrap();
-        assert_eq!(kinds(&drain(&mut s)), [(Kind::Tick, 2)]);
+        assert_eq!(tick_and_drain(&hub, &mut s, "A"), [(Kind::Tick, 2)]);
     }
 
     #[test]
@@ -379,21 +375,16 @@ mod tests {
             rejected[3],
             ("B", "too many subscriptions on this stream (limit 1)")
         );
-        hub.publish("A", 2.0, 0).unwrap();
-        assert_eq!(kinds(&drain(&mut s)), [(Kind::Tick, 2)]);
+        assert_eq!(tick_and_drain(&hub, &mut s, "A"), [(Kind::Tick, 2)]);
     }
 
     #[test]
     fn unsubscribing_acks_and_stops_the_symbol() {
         let hub = Hub::new(HubConfig::default());
-        hub.publish("A", 1.0, 0).unwrap();
-        let mut s = session(&hub);
-        s.subscribe("A");
-        drain(&mut s);
+        let mut s = subscribed(&hub, &["A"]);
         s.unsubscribe("A", "");
         assert_eq!(kinds(&drain(&mut s)), [(Kind::Unsubscribed, 0)]);
-        hub.publish("A", 2.0, 0).unwrap();
-        assert!(drain(&mut s).is_empty());
+        assert!(tick_and_drain(&hub, &mut s, "A").is_empty());
         assert_eq!(hub.receiver_count("A"), 0, "the ring reader is gone");
     }
 }

@@ -85,3 +85,9 @@ pub(super) fn kinds(msgs: &[TickerResponse]) -> Vec<(Kind, u64)> {
         })
         .collect()
 }
+
+/// Publishes one tick of `symbol` and drains `session`: what it got, as `kinds`.
+pub(super) fn tick_and_drain(hub: &Hub, session: &mut Session, symbol: &str) -> Vec<(Kind, u64)> {
+    hub.publish(symbol, 2.0, 0).unwrap();
+    kinds(&drain(session))
+}
