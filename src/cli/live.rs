@@ -40,7 +40,8 @@ pub enum Event {
         symbol: String,
         detail: String,
     },
-    /// The server warns that this client is falling behind (KIND_BACKLOG).
+    /// The server warns that this client is falling behind (KIND_BACKLOG), or that its
+    /// market-data bus went away or came back (KIND_STALE, KIND_LIVE).
     Warning {
         symbol: String,
         detail: String,
@@ -343,7 +344,7 @@ impl Live {
             },
             // Only answers an in-band token refresh, which this client does not send.
             Kind::TokenRefreshed => return Ok(()),
-            Kind::Backlog => Event::Warning {
+            Kind::Backlog | Kind::Stale | Kind::Live => Event::Warning {
                 symbol,
                 detail: msg.detail,
             },

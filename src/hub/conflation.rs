@@ -116,8 +116,18 @@ impl Conflation {
         self.lock().start_at(seq + 1);
         Conflator {
             conflation: Arc::clone(self),
+            wanted: None,
             start: seq + 1,
             signal: Arc::default(),
+        }
+    }
+
+    /// Wakes every waiting subscriber (the bus's health changed).
+    pub(crate) fn wake_all(&self) {
+        let mut inner = self.lock();
+        for signal in inner.waiting.drain(..) {
+            signal.listed.store(false, Ordering::Release);
+            signal.waker.wake();
         }
     }
 
@@ -152,12 +162,19 @@ impl Segments {
 /// (unsubscribe, stream end) releases what it held.
 pub struct Conflator {
     conflation: Arc<Conflation>,
+    /// On a clustered hub: keeps the symbol wanted while this subscription lives.
+    wanted: Option<super::SyncWait>,
     /// First seq of the next range.
     start: u64,
     signal: Arc<Signal>,
 }
 
 impl Conflator {
+    /// Keeps the symbol wanted on a clustered hub while this conflator lives.
+    pub(crate) fn hold(&mut self, wanted: super::SyncWait) {
+        self.wanted = Some(wanted);
+    }
+
     /// Whether ticks wait to be taken.
     pub fn is_pending(&self) -> bool {
         self.conflation.published.load(Ordering::Acquire) >= self.start

@@ -9,6 +9,7 @@
 //! gap). Each tick is encoded once, here, and its bytes are shared by every stream.
 
 mod conflation;
+mod remote;
 mod ring;
 mod tick;
 
@@ -29,6 +30,8 @@ use crate::{
 };
 use conflation::Conflation;
 pub use conflation::{Conflator, Fold};
+use remote::Bus;
+pub use remote::{Applied, Interest, SyncWait};
 use ring::Ring;
 pub use ring::{Bell, Receiver};
 use tick::encode_tick;
@@ -69,6 +72,9 @@ pub enum PublishError {
     EventTime(i64),
     #[error("symbol limit reached ({0} symbols): new symbol refused")]
     SymbolLimit(usize),
+    /// A hub fed by a cluster takes ticks only from the cluster (`Hub::apply`).
+    #[error("ticks of this server are sequenced by its cluster")]
+    Sequenced,
 }
 
 /// Why a subscription was refused.
@@ -80,6 +86,11 @@ pub enum SubscribeError {
     Unknown,
     #[error("symbol limit reached ({0} symbols): new symbol refused")]
     SymbolLimit(usize),
+    /// Cluster only: the symbol's history is being fetched from the bus. The caller
+    /// keeps the `SyncWait` (it holds the symbol wanted) and asks again when the waker
+    /// it gave is woken.
+    #[error("symbol is being synced from the cluster")]
+    Syncing(SyncWait),
 }
 
 /// A new subscription, made atomically with respect to `publish`: the live feed (a
@@ -170,10 +181,15 @@ struct Shared {
     epoch: u64,
     symbols: DashMap<Symbol, Arc<SymbolSlot>>,
     stats: HubStats,
+    /// `Some` when a cluster sequences the ticks (`remote`).
+    interest: Option<Arc<Interest>>,
+    bus: Bus,
 }
 
 struct SymbolSlot {
     symbol: Symbol,
+    /// The hub's, for the drops that end a symbol's last subscription (`remote`).
+    interest: Option<Arc<Interest>>,
     /// `state.seq`, readable without the lock; stored (SeqCst, see `Bell::arm`) after
     /// the tick is in the ring and before its readers' bells ring.
     published: AtomicU64,
@@ -190,6 +206,9 @@ struct SymbolState {
     history: VecDeque<(i64, Arc<Tick>)>,
     /// Present while the symbol has CONFLATE subscribers; dropped like `sender`.
     conflation: Option<Arc<Conflation>>,
+    /// Cluster only (`remote`): whether the history is synced from the bus, how many
+    /// subscriptions want the symbol, and who waits for the sync.
+    sync: remote::SyncState,
 }
 
 impl SymbolSlot {
@@ -210,14 +229,33 @@ impl std::fmt::Debug for Hub {
 
 impl Hub {
     pub fn new(config: HubConfig) -> Hub {
+        Hub::build(config, new_epoch(), None)
+    }
+
+    /// A hub whose ticks a cluster sequences under `epoch` (the bus's): they arrive
+    /// through `apply`, and `Interest` tells the cluster which symbols are wanted here.
+    pub fn sequenced_by_cluster(config: HubConfig, epoch: u64) -> (Hub, Arc<Interest>) {
+        let interest = Arc::new(Interest::default());
+        let hub = Hub::build(config, epoch, Some(Arc::clone(&interest)));
+        (hub, interest)
+    }
+
+    fn build(config: HubConfig, epoch: u64, interest: Option<Arc<Interest>>) -> Hub {
         Hub {
             shared: Arc::new(Shared {
                 config,
-                epoch: new_epoch(),
+                epoch,
                 symbols: DashMap::new(),
                 stats: HubStats::default(),
+                interest,
+                bus: Bus::default(),
             }),
         }
+    }
+
+    /// Whether a cluster sequences this hub's ticks.
+    pub fn is_clustered(&self) -> bool {
+        self.shared.interest.is_some()
     }
 
     pub fn config(&self) -> &HubConfig {
@@ -282,11 +320,9 @@ impl Hub {
     }
 
     fn try_publish(&self, symbol: &str, ltp: f64, event_time: i64) -> Result<u64, PublishError> {
-        if !(ltp.is_finite() && ltp > 0.0) {
-            return Err(PublishError::Price(ltp));
-        }
-        if event_time < 0 {
-            return Err(PublishError::EventTime(event_time));
+        check_tick(ltp, event_time)?;
+        if self.is_clustered() {
+            return Err(PublishError::Sequenced);
         }
         let slot = match self.shared.symbols.get(symbol) {
             Some(slot) => Arc::clone(&slot),
@@ -306,8 +342,25 @@ impl Hub {
         let event_time = if event_time == 0 { now } else { event_time };
 
         let mut state = slot.lock();
-        state.seq += 1;
-        let seq = state.seq;
+        let seq = state.seq + 1;
+        self.accept(&slot, &mut state, seq, ltp, event_time, now);
+        Ok(seq)
+    }
+
+    /// Makes `seq` the symbol's latest tick: last value, history (entered at
+    /// `entered`), CONFLATE fold, ring, then the published seq and the readers' bells.
+    /// The caller holds the symbol's lock and gives a seq past the current one.
+    fn accept(
+        &self,
+        slot: &SymbolSlot,
+        state: &mut SymbolState,
+        seq: u64,
+        ltp: f64,
+        event_time: i64,
+        entered: i64,
+    ) {
+        let config = &self.shared.config;
+        state.seq = seq;
         let tick = Arc::new(encode_tick(
             &slot.symbol,
             seq,
@@ -320,7 +373,7 @@ impl Hub {
             if state.history.len() >= config.history_size {
                 state.history.pop_front();
             }
-            state.history.push_back((now, Arc::clone(&tick)));
+            state.history.push_back((entered, Arc::clone(&tick)));
         }
         if let Some(conflation) = &state.conflation {
             if conflation.is_used() {
@@ -338,7 +391,6 @@ impl Hub {
         if let Some(ring) = &state.ring {
             ring.ring_bells();
         }
-        Ok(seq)
     }
 
     /// Opens a receiver on `symbol`'s ring together with its last value, atomically
@@ -359,20 +411,27 @@ impl Hub {
         symbol::validate(symbol)?;
         let slot = match self.shared.symbols.get(symbol) {
             Some(slot) => Arc::clone(&slot),
-            None if self.shared.config.allow_unknown_symbols => self
+            None if self.shared.config.allow_unknown_symbols || self.is_clustered() => self
                 .slot_or_insert(symbol)
                 .map_err(SubscribeError::SymbolLimit)?,
             None => return Err(SubscribeError::Unknown),
         };
         let mut guard = slot.lock();
         let state = &mut *guard;
+        if self.is_clustered() {
+            self.check_synced(&slot, state)?;
+        }
         let (mut receiver, mut conflator) = (None, None);
         match delivery {
             Delivery::Conflate => {
                 let conflation = state
                     .conflation
                     .get_or_insert_with(|| Conflation::new(state.seq, state.last.clone()));
-                conflator = Some(conflation.join(state.seq));
+                let mut joined = conflation.join(state.seq);
+                if self.is_clustered() {
+                    joined.hold(SyncWait::new(Arc::clone(&slot), state));
+                }
+                conflator = Some(joined);
             }
             Delivery::Channel(bell) => {
                 receiver = Some(Receiver::join(Arc::clone(&slot), state, bell));
@@ -399,6 +458,8 @@ impl Hub {
         if from.epoch != self.epoch() || from.seq > state.seq {
             return None;
         }
+        // A cluster's history may have a hole (ticks the bus no longer held): the
+        // range must start right after `from`.
         let missing = (state.seq - from.seq) as usize;
         if missing == 0 {
             return Some(Vec::new());
@@ -416,7 +477,7 @@ impl Hub {
             }
             ticks.push(Arc::clone(tick));
         }
-        Some(ticks)
+        (ticks[0].seq == from.seq + 1).then_some(ticks)
     }
 
     /// The last tick of `symbol`, if it is known and has ticked.
@@ -490,8 +551,12 @@ impl Hub {
             Entry::Vacant(e) => {
                 let slot = Arc::new(SymbolSlot {
                     symbol,
+                    interest: self.shared.interest.clone(),
                     published: AtomicU64::new(0),
-                    state: Mutex::default(),
+                    state: Mutex::new(SymbolState {
+                        sync: remote::SyncState::new(self.shared.interest.is_some()),
+                        ..SymbolState::default()
+                    }),
                 });
                 e.insert(Arc::clone(&slot));
                 slot
@@ -499,6 +564,17 @@ impl Hub {
         };
         Ok(slot)
     }
+}
+
+/// Checks a tick's price and event time.
+fn check_tick(ltp: f64, event_time: i64) -> Result<(), PublishError> {
+    if !(ltp.is_finite() && ltp > 0.0) {
+        return Err(PublishError::Price(ltp));
+    }
+    if event_time < 0 {
+        return Err(PublishError::EventTime(event_time));
+    }
+    Ok(())
 }
 
 /// A new epoch: the start time in nanoseconds, mixed with a per-process count so two

@@ -110,17 +110,18 @@ impl Receiver {
     /// `state` is the symbol's locked state.
     pub(super) fn join(slot: Arc<SymbolSlot>, state: &mut SymbolState, bell: &Bell) -> Receiver {
         let next = state.seq + 1;
+        let reader = Reader {
+            bell: Some(Arc::clone(&bell.state)),
+            hint: 0,
+            next,
+        };
+        super::remote::receiver_joined(&slot, state);
         let ring = state.ring.get_or_insert_with(|| Ring {
             ticks: VecDeque::new(),
             readers: Vec::new(),
             vacant: Vec::new(),
             min_next: next,
         });
-        let reader = Reader {
-            bell: Some(Arc::clone(&bell.state)),
-            hint: 0,
-            next,
-        };
         let index = match ring.vacant.pop() {
             Some(index) => {
                 ring.readers[index] = reader;
@@ -219,6 +220,7 @@ impl Drop for Receiver {
                 state.ring = None;
             }
         }
+        super::remote::receiver_left(&self.slot, &mut state);
     }
 }
 
@@ -264,6 +266,12 @@ impl Bell {
         Bell::default()
     }
 
+    /// A waker that rings this bell's request doorbell: for other news that must be
+    /// looked at outside the receivers (a cluster's sync of a symbol).
+    pub fn doorbell(&self) -> Waker {
+        self.requests_waker.clone()
+    }
+
     /// Has `waker`'s task woken by the next tick of any receiver of this bell. Arm it
     /// before the last look at the receivers (`take_news`, `has_news`): a tick published
     /// after that look then rings, and one published before it is seen by the look.
@@ -306,6 +314,11 @@ impl Bell {
     pub fn still_armed_for(&self, waker: &Waker) -> bool {
         self.registered.as_ref().is_some_and(|w| w.will_wake(waker))
             && self.state.armed.load(Ordering::SeqCst)
+    }
+
+    /// Silences the request doorbell without polling requests; whether it had rung.
+    pub fn take_requests_rung(&self) -> bool {
+        self.state.rung.swap(false, Ordering::AcqRel)
     }
 
     /// Whether the request stream rang since the last `answer_requests`.

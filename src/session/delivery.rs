@@ -84,7 +84,8 @@ impl Session {
         self.waiting
             && self.always == 0
             && self.bell.still_armed_for(cx.waker())
-            && (!self.bell.requests_rung() || self.requests.is_none())
+            && !(self.bell.requests_rung() && (self.requests.is_some() || !self.pending.is_empty()))
+            && self.bus_seen == self.hub.bus_generation()
             && !self.shutdown.is_triggered()
             && !self.expiry.as_ref().is_some_and(|e| e.is_elapsed())
     }

@@ -135,6 +135,10 @@ pub struct Session {
     local: LocalCounts,
     /// Event time (Unix ns) from which the next tick samples latency and "behind".
     next_sample: i64,
+    /// Subscribes waiting for a cluster to sync their symbol (`requests`).
+    pending: Vec<requests::Pending>,
+    /// The hub's `bus_generation` this stream last told its client about.
+    bus_seen: u64,
     /// Replies and replayed ticks, ahead of live ticks.
     control: VecDeque<Outbound>,
     hub: Hub,
@@ -192,6 +196,7 @@ impl Session {
             .principal
             .expires
             .map(|at| Box::pin(tokio::time::sleep_until(instant_of(at))));
+        let bus_seen = hub.bus_generation();
         Session {
             hub,
             limits,
@@ -201,6 +206,8 @@ impl Session {
             todo: u64::MAX,
             always: 0,
             control: VecDeque::new(),
+            pending: Vec::new(),
+            bus_seen,
             conflate_timer: None,
             held: None,
             cursor: 0,
@@ -286,6 +293,10 @@ impl Stream for Session {
         if let Some(tick) = this.held.take() {
             return Poll::Ready(Some(Ok(this.deliver(tick))));
         }
+        if this.bus_seen != this.hub.bus_generation() {
+            this.announce_bus();
+        }
+        this.retry_pending();
         if let Err((reason, status)) = this.poll_requests(cx) {
             this.finish(reason);
             return Poll::Ready(Some(Err(status)));

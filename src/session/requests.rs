@@ -22,11 +22,27 @@ use super::{
 };
 use crate::{
     clock,
-    hub::{Delivery, ResumePoint, SubscribeError},
+    hub::{Delivery, ResumePoint, SubscribeError, SyncWait},
     ops::metrics::ended,
     pb::{ticker_request::Action, ticker_response::Kind, TickerRequest, TickerResponse},
     symbol::{self, Symbol},
 };
+
+/// A subscribe waiting for a cluster to sync its symbol (`SubscribeError::Syncing`):
+/// retried when the hub rings the session's doorbell.
+pub(super) struct Pending {
+    symbol: Symbol,
+    policy: Policy,
+    resume: Option<ResumePoint>,
+    /// Keeps the symbol wanted meanwhile.
+    _wait: SyncWait,
+}
+
+/// KIND_STALE's detail.
+const STALE: &str = "this server lost its market-data bus: ticks may be missing until KIND_LIVE";
+/// KIND_LIVE's detail.
+const LIVE: &str =
+    "the market-data bus is back: missed ticks follow in order, or KIND_LAGGED counts those gone";
 
 impl Session {
     /// Applies one client request, queueing its reply; `Err` ends the stream.
@@ -124,6 +140,8 @@ impl Session {
         if !self.caller.principal.entitled(symbol) {
             return self.reject(symbol, format!("not entitled to {symbol}"));
         }
+        // A new subscribe replaces one still waiting for the same symbol.
+        self.pending.retain(|p| &*p.symbol != symbol);
         let (resume, detail) = match self.subs.iter().position(|s| &*s.symbol == symbol) {
             Some(idx) if self.subs[idx].policy == policy && resume.is_none() => {
                 return self.push(control(Kind::Subscribed, symbol, "already subscribed"));
@@ -142,7 +160,7 @@ impl Session {
                     format!("policy {}", policy.name()),
                 )
             }
-            None if self.subs.len() >= self.limits.max_subscriptions => {
+            None if self.subs.len() + self.pending.len() >= self.limits.max_subscriptions => {
                 let max = self.limits.max_subscriptions;
                 return self.reject(
                     symbol,
@@ -157,6 +175,17 @@ impl Session {
         };
         let sub = match self.hub.subscribe_with(symbol, resume, delivery) {
             Ok(sub) => sub,
+            Err(SubscribeError::Syncing(wait)) => {
+                // Answered once the cluster has the symbol's history (`retry_pending`).
+                wait.notify(&self.bell.doorbell());
+                self.pending.push(Pending {
+                    symbol: Arc::from(symbol),
+                    policy,
+                    resume,
+                    _wait: wait,
+                });
+                return;
+            }
             Err(
                 e @ (SubscribeError::Unknown
                 | SubscribeError::SymbolLimit(_)
@@ -204,6 +233,39 @@ impl Session {
             (None, Some(snapshot)) => self.push(snapshot.to_response(Kind::Snapshot)),
             (None, None) => {}
         }
+        if self.hub.bus_stale() {
+            self.push(control(Kind::Stale, symbol, STALE));
+        }
+    }
+
+    /// Subscribes again to every symbol whose sync this stream waited for, once the
+    /// hub rang the doorbell (a symbol still syncing just waits again).
+    pub(super) fn retry_pending(&mut self) {
+        if self.pending.is_empty() || !self.bell.requests_rung() {
+            return;
+        }
+        if self.requests.is_none() {
+            // Nobody else answers the doorbell on a stream without requests.
+            self.bell.take_requests_rung();
+        }
+        for waiting in std::mem::take(&mut self.pending) {
+            // `waiting` keeps the symbol wanted until the subscription holds it.
+            self.subscribe_with(&waiting.symbol, waiting.policy, waiting.resume);
+        }
+    }
+
+    /// Tells the client the bus went away or came back, for every symbol it has.
+    pub(super) fn announce_bus(&mut self) {
+        self.bus_seen = self.hub.bus_generation();
+        let (kind, detail) = if self.hub.bus_stale() {
+            (Kind::Stale, STALE)
+        } else {
+            (Kind::Live, LIVE)
+        };
+        let symbols: Vec<Symbol> = self.subs.iter().map(|s| Arc::clone(&s.symbol)).collect();
+        for symbol in symbols {
+            self.push(control(kind, &symbol, detail));
+        }
     }
 
     /// Ends `old`, queueing what it folded but did not send yet; returns the last seq
@@ -225,6 +287,7 @@ impl Session {
         // Dropping the receiver (or conflator) is what stops delivery; a held tick of
         // it goes too.
         let before = self.subs.len();
+        self.pending.retain(|p| &*p.symbol != symbol);
         self.subs.retain(|s| &*s.symbol != symbol);
         self.reindex();
         self.ticket
