@@ -31,7 +31,7 @@ async fn run(config: Config) -> ExitCode {
         return ExitCode::FAILURE;
     }
     let (listen, metrics_listen) = (config.listen, config.metrics_listen);
-    let mut server = match Server::new(config) {
+    let mut server = match Server::build(config).await {
         Ok(server) => server,
         Err(e) => {
             tracing::error!("cannot start: {e}");

@@ -1,5 +1,6 @@
 //! Feeds: where ticks come from besides the Publish RPC. Each feed is a task that
-//! writes into the hub until the server's shutdown token is cancelled.
+//! writes through `cluster::Ingest` (the hub itself, or a cluster's bus) until the
+//! server's shutdown token is cancelled.
 
 mod replay;
 mod sim;
@@ -11,7 +12,7 @@ use std::{fmt, path::PathBuf, str::FromStr};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::{hub::Hub, symbol::Symbol};
+use crate::{cluster::Ingest, symbol::Symbol};
 
 pub use replay::Replay;
 pub use sim::Simulator;
@@ -62,10 +63,10 @@ pub enum Feed {
 
 impl Feed {
     /// Starts the feed task.
-    pub fn spawn(self, hub: Hub, shutdown: CancellationToken) -> JoinHandle<()> {
+    pub fn spawn(self, ingest: Ingest, shutdown: CancellationToken) -> JoinHandle<()> {
         match self {
-            Feed::Sim(sim) => tokio::spawn(sim.run(hub, shutdown)),
-            Feed::Replay(replay) => tokio::spawn(replay.run(hub, shutdown)),
+            Feed::Sim(sim) => tokio::spawn(sim.run(ingest, shutdown)),
+            Feed::Replay(replay) => tokio::spawn(replay.run(ingest, shutdown)),
         }
     }
 }

@@ -8,7 +8,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::csv::{Line, TickReader};
-use crate::hub::{Hub, Source};
+use crate::{
+    cluster::{Ack, Ingest},
+    hub::Source,
+};
 
 pub struct Replay {
     path: PathBuf,
@@ -29,7 +32,7 @@ impl Replay {
         })
     }
 
-    pub async fn run(self, hub: Hub, shutdown: CancellationToken) {
+    pub async fn run(self, ingest: Ingest, shutdown: CancellationToken) {
         let path = self.path.display().to_string();
         let mut reader = TickReader::new(tokio::fs::File::from_std(self.file));
         let start = Instant::now();
@@ -70,11 +73,15 @@ impl Replay {
                     _ = tokio::time::sleep_until(due) => {}
                 }
             }
-            match hub.publish_from(Source::Feed, &tick.symbol, tick.price, 0) {
-                Ok(_) => published += 1,
-                Err(e) => {
+            match ingest
+                .submit(Source::Feed, &tick.symbol, tick.price, 0)
+                .await
+            {
+                Ack::Done(Err(e)) => {
                     tracing::warn!(file = %path, line = reader.line(), error = %e, "replayed tick rejected")
                 }
+                // A cluster's outcome is counted and logged by its sequencer.
+                Ack::Done(Ok(_)) | Ack::Waiting(_) => published += 1,
             }
         }
         tracing::info!(file = %path, published, malformed, "replay finished");

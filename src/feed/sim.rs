@@ -8,7 +8,8 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    hub::{Hub, Source},
+    cluster::{Ack, Ingest},
+    hub::Source,
     symbol::Symbol,
 };
 
@@ -31,7 +32,7 @@ impl Simulator {
         }
     }
 
-    pub async fn run(self, hub: Hub, shutdown: CancellationToken) {
+    pub async fn run(self, ingest: Ingest, shutdown: CancellationToken) {
         if self.symbols.is_empty() || self.rate.is_nan() || self.rate <= 0.0 {
             tracing::info!("simulator idle: no symbols or zero rate");
             return;
@@ -66,7 +67,11 @@ impl Simulator {
                 let i = rng.random_range(0..self.symbols.len());
                 let step: f64 = rng.random_range(-0.001..0.001);
                 prices[i] = (prices[i] * (1.0 + step)).max(0.01);
-                if let Err(e) = hub.publish_from(Source::Feed, &self.symbols[i], prices[i], 0) {
+                // A cluster's outcome is counted and logged by its sequencer.
+                let ack = ingest
+                    .submit(Source::Feed, &self.symbols[i], prices[i], 0)
+                    .await;
+                if let Ack::Done(Err(e)) = ack {
                     tracing::warn!(symbol = %self.symbols[i], error = %e, "simulated tick rejected");
                 }
                 sent += 1;

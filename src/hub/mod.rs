@@ -284,9 +284,11 @@ impl Hub {
     /// Makes symbols known without a tick (`--symbols-file`), within the symbol limit.
     pub fn declare(&self, symbol: &str) -> Result<(), PublishError> {
         symbol::validate(symbol)?;
-        self.slot_or_insert(symbol)
-            .map(|_| ())
-            .map_err(PublishError::SymbolLimit)
+        let slot = self
+            .slot_or_insert(symbol)
+            .map_err(PublishError::SymbolLimit)?;
+        slot.lock().sync.declared = true;
+        Ok(())
     }
 
     /// Accepts one tick from a publisher: assigns the next seq, stores it as the last value
@@ -564,6 +566,13 @@ impl Hub {
         };
         Ok(slot)
     }
+}
+
+/// Checks a tick's symbol, price and event time, as `publish` does.
+pub fn check(symbol: &str, ltp: f64, event_time: i64) -> Result<(), PublishError> {
+    check_tick(ltp, event_time)?;
+    symbol::validate(symbol)?;
+    Ok(())
 }
 
 /// Checks a tick's price and event time.

@@ -65,6 +65,8 @@ pub(super) struct SyncState {
     /// Bumped by every `begin_sync`, so ticks of an older sync are ignored.
     generation: u64,
     waiters: Vec<Waker>,
+    /// Listed at start-up: subscribable before its first tick.
+    pub(super) declared: bool,
 }
 
 #[derive(Default, Clone, Copy, PartialEq, Eq, Debug)]
@@ -194,6 +196,17 @@ impl Hub {
     pub fn wanted(&self, symbol: &str) -> bool {
         self.slot(symbol)
             .is_some_and(|slot| slot.lock().sync.wanted > 0)
+    }
+
+    /// Whether `symbol` was declared (`declare`): subscribable before its first tick.
+    pub fn is_declared(&self, symbol: &str) -> bool {
+        self.slot(symbol)
+            .is_some_and(|slot| slot.lock().sync.declared)
+    }
+
+    /// The generation of `symbol`'s current sync (see `begin_sync`).
+    pub fn sync_generation(&self, symbol: &str) -> Option<u64> {
+        self.slot(symbol).map(|slot| slot.lock().sync.generation)
     }
 
     /// Starts (again) a sync of `symbol` with the bus: the symbol goes cold, its old

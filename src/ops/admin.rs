@@ -13,14 +13,18 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use tokio::sync::watch;
+
 use super::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
-/// Serves until `stop` is cancelled. `draining` turns /healthz to 503.
+/// Serves until `stop` is cancelled. `draining`, or `healthy` turning false (a
+/// cluster node cut from its bus), turns /healthz to 503.
 pub async fn serve(
     listener: TcpListener,
     metrics: Metrics,
     draining: Shutdown,
+    healthy: watch::Receiver<bool>,
     stop: CancellationToken,
 ) {
     loop {
@@ -35,9 +39,10 @@ pub async fn serve(
             },
         };
         let (metrics, draining, stop) = (metrics.clone(), draining.clone(), stop.clone());
+        let healthy = healthy.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let response = respond(&req, &metrics, &draining);
+                let response = respond(&req, &metrics, &draining, *healthy.borrow());
                 async move { Ok::<_, Infallible>(response) }
             });
             let connection = http1::Builder::new().serve_connection(TokioIo::new(socket), service);
@@ -57,6 +62,7 @@ fn respond(
     req: &Request<Incoming>,
     metrics: &Metrics,
     draining: &Shutdown,
+    healthy: bool,
 ) -> Response<Full<Bytes>> {
     if req.method() != Method::GET {
         return reply(
@@ -75,6 +81,11 @@ fn respond(
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
             "draining\n".into(),
+        ),
+        "/healthz" if !healthy => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "market-data bus unreachable\n".into(),
         ),
         "/healthz" => reply(StatusCode::OK, "text/plain", "serving\n".into()),
         "/streams" => match serde_json::to_string_pretty(&metrics.stream_list()) {

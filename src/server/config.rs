@@ -7,6 +7,7 @@ use clap::Parser;
 
 use crate::{
     auth::{JwtKey, JwtSettings},
+    cluster::ClusterArgs,
     feed::FeedKind,
     ops::telemetry::LogFormat,
     transport::tls::TlsFiles,
@@ -256,6 +257,9 @@ pub struct Config {
     /// publish prices.
     #[arg(long, env = "TICKERD_INSECURE")]
     pub insecure: bool,
+
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
 
     /// Log line format; the level comes from RUST_LOG (default `info`).
     #[arg(long, env = "TICKERD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

@@ -8,7 +8,9 @@ pub mod config;
 
 use std::{future::Future, io, path::PathBuf, time::Duration};
 
-use tokio::net::TcpListener;
+use std::sync::Arc;
+
+use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic_health::ServingStatus;
@@ -17,7 +19,9 @@ pub use config::Config;
 
 use crate::{
     auth::{jwt::JwtKeyError, Authenticator, JwtVerifier},
+    cluster::{Cluster, ClusterError, Ingest},
     feed::{self, Feed, FeedKind, Replay, Simulator},
+    hub::Interest,
     hub::{Hub, HubConfig},
     ops::{admin, metrics::Metrics, observe::RpcMetricsLayer},
     pb::{self, ticker_stream_service_server::TickerStreamServiceServer},
@@ -57,6 +61,10 @@ pub enum ServerError {
     IoThread(io::Error),
     #[error(transparent)]
     Shard(#[from] ShardError),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error("--cluster needs Server::build, which connects to the bus")]
+    ClusterNotConnected,
 }
 
 /// A configured server, not yet serving.
@@ -68,6 +76,8 @@ pub struct Server {
     shutdown: Shutdown,
     metrics_listener: Option<TcpListener>,
     tls: Option<Tls>,
+    /// With `--cluster`: the bus, and the hub's interest for it.
+    cluster: Option<(Cluster, Arc<Interest>)>,
 }
 
 /// Re-reads the TLS files on demand (the binary calls it on SIGHUP); cheap to clone.
@@ -97,15 +107,28 @@ impl TlsReloader {
 }
 
 impl Server {
-    /// Builds everything the config names and checks its input files.
+    /// Builds everything the config names and checks its input files; with
+    /// `--cluster`, connects to the bus first.
+    pub async fn build(config: Config) -> Result<Server, ServerError> {
+        if !config.cluster.enabled() {
+            return Server::new(config);
+        }
+        let cluster = Cluster::connect(&config.cluster, config.history_size).await?;
+        let (hub, interest) = Hub::sequenced_by_cluster(hub_config(&config), cluster.epoch());
+        let mut server = Server::with_hub(config, hub.clone())?;
+        server.service = server
+            .service
+            .with_ingest(Ingest::Bus(hub, cluster.clone()));
+        server.cluster = Some((cluster, interest));
+        Ok(server)
+    }
+
+    /// Builds a single node (no `--cluster`) and checks its input files.
     pub fn new(config: Config) -> Result<Server, ServerError> {
-        let hub = Hub::new(HubConfig {
-            history_size: config.history_size,
-            history_ttl: config.history_ttl,
-            channel_capacity: config.channel_capacity,
-            max_symbols: config.max_symbols,
-            allow_unknown_symbols: config.allow_unknown_symbols,
-        });
+        if config.cluster.enabled() {
+            return Err(ServerError::ClusterNotConnected);
+        }
+        let hub = Hub::new(hub_config(&config));
         Server::with_hub(config, hub)
     }
 
@@ -189,7 +212,13 @@ impl Server {
             shutdown,
             metrics_listener,
             tls,
+            cluster: None,
         })
+    }
+
+    /// The cluster's bus, with `--cluster`.
+    pub fn cluster(&self) -> Option<&Cluster> {
+        self.cluster.as_ref().map(|(cluster, _)| cluster)
     }
 
     /// Serves /metrics, /healthz and /streams on `listener` too (`--metrics-listen`).
@@ -231,7 +260,18 @@ impl Server {
             shutdown,
             metrics_listener,
             tls,
+            cluster,
         } = self;
+        let ingest = service.ingest().clone();
+        let healthy = match cluster {
+            Some((cluster, interest)) => cluster.start(
+                hub.clone(),
+                interest,
+                config.allow_unknown_symbols,
+                shutdown.token().clone(),
+            ),
+            None => watch::channel(true).1,
+        };
         let metrics = service.metrics().clone();
         let admin_stop = CancellationToken::new();
         let _stop_admin_on_return = admin_stop.clone().drop_guard();
@@ -240,6 +280,7 @@ impl Server {
                 listener,
                 metrics.clone(),
                 shutdown.clone(),
+                healthy.clone(),
                 admin_stop.clone(),
             );
             tokio::spawn(admin);
@@ -248,6 +289,11 @@ impl Server {
         health
             .set_serving::<TickerStreamServiceServer<TickerService>>()
             .await;
+        tokio::spawn(follow_bus_health(
+            healthy,
+            health.clone(),
+            shutdown.token().clone(),
+        ));
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -262,7 +308,7 @@ impl Server {
             .max_decoding_message_size(config.max_decoding_message_size)
             .max_encoding_message_size(config.max_encoding_message_size);
 
-        let feed_task = feed.map(|f| f.spawn(hub.clone(), shutdown.token().clone()));
+        let feed_task = feed.map(|f| f.spawn(ingest, shutdown.token().clone()));
         let prune =
             prune_idle_conflations(hub.clone(), config.prune_interval, shutdown.token().clone());
         tokio::spawn(prune);
@@ -363,6 +409,44 @@ impl Server {
         }
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// gRPC health follows the bus: NOT_SERVING while a cluster node is cut from it (so
+/// balancers move clients to healthy nodes), SERVING again when it is back, until the
+/// drain, which owns the status from then on.
+async fn follow_bus_health(
+    mut healthy: watch::Receiver<bool>,
+    health: tonic_health::server::HealthReporter,
+    draining: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = draining.cancelled() => return,
+            changed = healthy.changed() => if changed.is_err() { return },
+        }
+        let status = if *healthy.borrow_and_update() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        if draining.is_cancelled() {
+            return;
+        }
+        health.set_service_status("", status).await;
+        health
+            .set_service_status("ticker.v1.TickerStreamService", status)
+            .await;
+    }
+}
+
+fn hub_config(config: &Config) -> HubConfig {
+    HubConfig {
+        history_size: config.history_size,
+        history_ttl: config.history_ttl,
+        channel_capacity: config.channel_capacity,
+        max_symbols: config.max_symbols,
+        allow_unknown_symbols: config.allow_unknown_symbols,
     }
 }
 

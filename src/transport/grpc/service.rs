@@ -6,18 +6,20 @@
 
 use std::sync::Arc;
 
+use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use tokio::sync::Semaphore;
 use tonic::{service::Interceptor, Request, Response, Status, Streaming};
 
 use crate::{
-    auth::PeerInfo,
-    auth::{Authenticator, Principal},
+    auth::{Authenticator, PeerInfo, Principal},
     clock,
-    hub::Hub,
+    cluster::{Ack, Ingest, IngestError},
+    hub::{Hub, Source},
     ops::metrics::{ended, Metrics, StreamTicket},
     pb::{
         ticker_response::Kind, ticker_stream_service_server::TickerStreamService, GetQuotesRequest,
         GetQuotesResponse, PublishRequest, PublishResponse, SubscribeRequest, TickerRequest,
+        TickerResponse,
     },
     session::{Caller, Requests, Session, SessionLimits},
     shutdown::Shutdown,
@@ -39,6 +41,8 @@ pub struct ServiceLimits {
 #[derive(Clone)]
 pub struct TickerService {
     hub: Hub,
+    /// Where Publish writes: the hub, or the cluster's bus.
+    ingest: Ingest,
     limits: ServiceLimits,
     streams: Arc<Semaphore>,
     shutdown: Shutdown,
@@ -61,12 +65,45 @@ impl TickerService {
     ) -> TickerService {
         let streams = Arc::new(Semaphore::new(limits.max_streams));
         TickerService {
+            ingest: Ingest::Hub(hub.clone()),
             hub,
             limits,
             streams,
             shutdown,
             metrics,
             auth,
+        }
+    }
+
+    /// Where Publish writes.
+    pub fn ingest(&self) -> &Ingest {
+        &self.ingest
+    }
+
+    /// Publishes through `ingest` (a cluster's bus) instead of the hub.
+    pub fn with_ingest(mut self, ingest: Ingest) -> TickerService {
+        self.ingest = ingest;
+        self
+    }
+
+    /// Whether `symbol` may be subscribed without `--allow-unknown-symbols`: it ticked
+    /// (here, or on the cluster's bus) or was declared.
+    async fn is_known(&self, symbol: &str) -> Result<bool, Status> {
+        match self.ingest.cluster() {
+            None => Ok(self.hub.is_known(symbol)),
+            Some(_) if self.hub.is_declared(symbol) || self.hub.last(symbol).is_some() => Ok(true),
+            Some(cluster) => Ok(cluster.last(symbol).await.map_err(bus_status)?.is_some()),
+        }
+    }
+
+    /// The last tick of `symbol` as a snapshot: the hub's, or on a node that does not
+    /// follow the symbol, the bus's.
+    async fn quote(&self, symbol: &str) -> Result<Option<TickerResponse>, Status> {
+        match self.ingest.cluster() {
+            Some(cluster) if !self.hub.is_live(symbol) => {
+                cluster.last(symbol).await.map_err(bus_status)
+            }
+            _ => Ok(self.hub.last(symbol).map(|t| t.to_response(Kind::Snapshot))),
         }
     }
 
@@ -189,8 +226,10 @@ impl TickerStreamService for TickerService {
         Self::check_symbols(symbols, self.limits.session.max_subscriptions)?;
         Self::check_entitled(&principal, symbols)?;
         if !self.hub.config().allow_unknown_symbols {
-            if let Some(unknown) = symbols.iter().find(|s| !self.hub.is_known(s)) {
-                return Err(Status::not_found(format!("unknown symbol {unknown:?}")));
+            for s in symbols {
+                if !self.is_known(s).await? {
+                    return Err(Status::not_found(format!("unknown symbol {s:?}")));
+                }
             }
         }
         let ticket = self.admit("Subscribe", &request, &principal)?;
@@ -216,9 +255,18 @@ impl TickerStreamService for TickerService {
         let mut counts = PublishResponse::default();
         let expiry = expiry_of(&principal);
         tokio::pin!(expiry);
+        // Ticks handed to the bus and not confirmed stored yet (a cluster pipelines).
+        let mut waiting = FuturesUnordered::new();
         loop {
             let next = tokio::select! {
                 biased;
+                Some(stored) = waiting.next(), if !waiting.is_empty() => {
+                    if let Err(status) = tally(&mut counts, stored) {
+                        ticket.reason = ended::CLIENT_ERROR;
+                        return Err(status);
+                    }
+                    continue;
+                }
                 _ = self.shutdown.token().cancelled() => {
                     ticket.reason = ended::SHUTDOWN;
                     return Err(Status::unavailable(format!(
@@ -233,7 +281,7 @@ impl TickerStreamService for TickerService {
                         counts.accepted, counts.rejected
                     )));
                 }
-                next = requests.message() => next,
+                next = requests.message(), if waiting.len() < PUBLISH_WINDOW => next,
             };
             match next {
                 Ok(Some(tick)) if !principal.entitled(&tick.symbol) => {
@@ -241,18 +289,34 @@ impl TickerStreamService for TickerService {
                     counts.rejected += 1;
                 }
                 Ok(Some(tick)) => {
-                    match self
-                        .hub
-                        .publish(&tick.symbol, tick.ltp, tick.event_time_unix_nanos)
-                    {
-                        Ok(_) => counts.accepted += 1,
-                        Err(e) => {
-                            tracing::debug!(symbol = %tick.symbol, error = %e, "publish rejected");
-                            counts.rejected += 1;
+                    let ack = self
+                        .ingest
+                        .submit(
+                            Source::Publish,
+                            &tick.symbol,
+                            tick.ltp,
+                            tick.event_time_unix_nanos,
+                        )
+                        .await;
+                    let done = match ack {
+                        Ack::Done(result) => result,
+                        Ack::Waiting(stored) => {
+                            waiting.push(stored.stored());
+                            continue;
                         }
+                    };
+                    if let Err(status) = tally(&mut counts, done) {
+                        ticket.reason = ended::CLIENT_ERROR;
+                        return Err(status);
                     }
                 }
                 Ok(None) => {
+                    while let Some(stored) = waiting.next().await {
+                        if let Err(status) = tally(&mut counts, stored) {
+                            ticket.reason = ended::CLIENT_ERROR;
+                            return Err(status);
+                        }
+                    }
                     ticket.reason = ended::COMPLETED;
                     return Ok(Response::new(counts));
                 }
@@ -278,13 +342,38 @@ impl TickerStreamService for TickerService {
         let symbols = request.into_inner().symbols;
         Self::check_symbols(&symbols, MAX_QUOTE_SYMBOLS)?;
         Self::check_entitled(&principal, &symbols)?;
-        let quotes = symbols
-            .iter()
-            .filter_map(|s| self.hub.last(s))
-            .map(|tick| tick.to_response(Kind::Snapshot))
-            .collect();
+        let mut quotes = Vec::with_capacity(symbols.len());
+        for s in &symbols {
+            quotes.extend(self.quote(s).await?);
+        }
         Ok(Response::new(GetQuotesResponse { quotes }))
     }
+}
+
+/// Ticks of one Publish call the bus may still be storing; past it the call reads no
+/// further request until some are confirmed (backpressure to the publisher).
+const PUBLISH_WINDOW: usize = 1024;
+
+/// Counts one tick's outcome; a bus that cannot be reached ends the call.
+fn tally(counts: &mut PublishResponse, outcome: Result<u64, IngestError>) -> Result<(), Status> {
+    match outcome {
+        Ok(_) => counts.accepted += 1,
+        Err(IngestError::Rejected(reason)) => {
+            tracing::debug!(%reason, "published tick rejected");
+            counts.rejected += 1;
+        }
+        Err(IngestError::Unavailable(reason)) => {
+            return Err(Status::unavailable(format!(
+                "{reason} ({} accepted, {} rejected before it)",
+                counts.accepted, counts.rejected
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn bus_status(e: IngestError) -> Status {
+    Status::unavailable(e.to_string())
 }
 
 /// Resolves when the principal's credentials expire; never for ones that do not.
