@@ -298,6 +298,15 @@ impl Cluster {
     }
 }
 
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("stream", &self.inner.name)
+            .field("epoch", &self.inner.epoch)
+            .finish()
+    }
+}
+
 fn client_version(context: &jetstream::Context) -> String {
     context.client().server_info().version
 }

@@ -5,9 +5,10 @@
 //! When the last local subscription leaves, the consumer lingers for
 //! `--cluster-linger`, then stops and the hub forgets the symbol.
 //!
-//! The ordered consumer recreates itself after a reconnect from the last stream
-//! sequence it saw, so an outage is caught up by itself; ticks the stream no longer
-//! holds arrive as a seq hole, which sessions announce as KIND_LAGGED with its size.
+//! After the connection comes back, each sync makes a new consumer starting right after
+//! the last stream sequence it read (rather than waiting for the old one's missed
+//! heartbeats), so an outage is caught up at once; ticks the stream no longer holds
+//! arrive as a seq hole, which sessions announce as KIND_LAGGED with its size.
 
 use std::{
     collections::HashMap,
@@ -168,6 +169,7 @@ async fn follow(
     let subject = codec::subject(&inner.name, &symbol);
     let mut live = false;
     let mut next_stream_seq = 0u64;
+    let mut connected = inner.connected.clone();
     let mut backoff = Duration::from_millis(100);
     loop {
         let config = OrderedConfig {
@@ -212,10 +214,18 @@ async fn follow(
             }
         };
         backoff = Duration::from_millis(100);
+        connected.mark_unchanged();
         loop {
             let next = tokio::select! {
                 _ = stop.cancelled() => return,
                 next = messages.next() => next,
+                // Back from an outage: read on from where this sync stopped.
+                Ok(()) = connected.changed() => {
+                    if *connected.borrow_and_update() {
+                        break;
+                    }
+                    continue;
+                }
             };
             let message = match next {
                 Some(Ok(message)) => message,

@@ -6,7 +6,7 @@
 use std::{
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc,
+        Arc, OnceLock,
     },
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
@@ -26,7 +26,10 @@ use prometheus_client::{
 use serde::Serialize;
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::hub::{Hub, Source};
+use crate::{
+    cluster::Cluster,
+    hub::{Hub, Source},
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RpcLabel {
@@ -86,6 +89,7 @@ pub struct Inner {
     tls_reloads: Family<OutcomeLabel, Counter>,
     tls_certificate_expiry: Gauge,
     streams_table: Arc<StreamTable>,
+    cluster: Arc<OnceLock<Cluster>>,
     next_stream_id: AtomicU64,
 }
 
@@ -215,11 +219,13 @@ impl Metrics {
             tls_certificate_expiry.clone(),
         );
         let streams_table = Arc::new(StreamTable::default());
+        let cluster = Arc::new(OnceLock::new());
         let collector = HubCollector {
             hub,
             per_symbol,
             feed_rate,
             streams: streams_table.clone(),
+            cluster: Arc::clone(&cluster),
         };
         registry.register_collector(Box::new(collector));
         Metrics(Arc::new(Inner {
@@ -236,6 +242,7 @@ impl Metrics {
             tls_reloads,
             tls_certificate_expiry,
             streams_table,
+            cluster,
             next_stream_id: AtomicU64::new(1),
         }))
     }
@@ -265,6 +272,11 @@ impl Metrics {
         if let Some(expiry) = expiry_unix_seconds {
             self.tls_certificate_expiry.set(expiry);
         }
+    }
+
+    /// Adds the cluster's series (bus reachability, ticks read, syncs, conflicts).
+    pub fn attach_cluster(&self, cluster: Cluster) {
+        let _ = self.cluster.set(cluster);
     }
 
     /// The Prometheus text exposition of every metric.
@@ -413,6 +425,8 @@ struct HubCollector {
     per_symbol: bool,
     feed_rate: f64,
     streams: Arc<StreamTable>,
+    /// Set by `Metrics::attach_cluster`: its series appear from then on.
+    cluster: Arc<OnceLock<Cluster>>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -521,6 +535,9 @@ impl Collector for HubCollector {
             rate.metric_type(),
         )?)?;
 
+        if let Some(cluster) = self.cluster.get() {
+            encode_cluster(cluster, &mut encoder)?;
+        }
         if self.per_symbol {
             let snapshot = self.hub.symbol_seqs();
             let mut m = encoder.encode_descriptor(
@@ -548,4 +565,47 @@ impl Collector for HubCollector {
         }
         Ok(())
     }
+}
+
+/// The cluster's series (`--cluster`).
+fn encode_cluster(
+    cluster: &Cluster,
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    let stats = cluster.stats();
+    let connected = ConstGauge::new(i64::from(cluster.is_connected()));
+    connected.encode(encoder.encode_descriptor(
+        "cluster_connected",
+        "1 while the market-data bus (NATS) is reachable",
+        None,
+        connected.metric_type(),
+    )?)?;
+    let syncing = ConstGauge::new(stats.syncing.load(Ordering::Relaxed) as i64);
+    syncing.encode(encoder.encode_descriptor(
+        "cluster_symbols_synced",
+        "Symbols this node reads from the bus (wanted by its clients, or lingering)",
+        None,
+        syncing.metric_type(),
+    )?)?;
+    for (name, help, value) in [
+        (
+            "cluster_ticks_received",
+            "Ticks this node read from the bus (history and live)",
+            &stats.received,
+        ),
+        (
+            "cluster_syncs",
+            "Syncs of a symbol started (one bus consumer each)",
+            &stats.syncs_started,
+        ),
+        (
+            "cluster_publish_conflicts",
+            "Publishes re-stamped because another node stored a tick of the symbol first",
+            &stats.conflicts,
+        ),
+    ] {
+        let counter = ConstCounter::new(value.load(Ordering::Relaxed));
+        counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
+    }
+    Ok(())
 }

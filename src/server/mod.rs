@@ -119,6 +119,7 @@ impl Server {
         server.service = server
             .service
             .with_ingest(Ingest::Bus(hub, cluster.clone()));
+        server.service.metrics().attach_cluster(cluster.clone());
         server.cluster = Some((cluster, interest));
         Ok(server)
     }

@@ -3,6 +3,8 @@
 //! for messages with a deadline so a broken server fails a test instead of hanging it.
 #![allow(dead_code)]
 
+pub mod nats;
+
 use std::{
     future::Future,
     io::{BufRead, BufReader},
@@ -15,6 +17,7 @@ use std::{
 use tickerd::{
     auth::MintClaims,
     client::{self, Client, Kind},
+    cluster::Cluster,
     hub::Hub,
     pb::{PublishRequest, PublishResponse, TickerRequest, TickerResponse},
     server::config::Config,
@@ -38,6 +41,8 @@ pub struct TestServer {
     pub metrics_addr: SocketAddr,
     pub hub: Hub,
     pub service: TickerService,
+    /// The cluster's bus, for servers started with `--cluster`.
+    pub cluster: Option<Cluster>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), tickerd::server::ServerError>>>,
 }
@@ -63,7 +68,7 @@ impl TestServer {
         } else {
             "http"
         };
-        let server = Server::new(config).expect("server config");
+        let server = Server::build(config).await.expect("server config");
         let mut server = Self::serve(server, "127.0.0.1:0".parse().unwrap()).await;
         server.scheme = scheme;
         server
@@ -84,6 +89,7 @@ impl TestServer {
         let metrics_addr = metrics.local_addr().expect("metrics addr");
         let server = server.metrics_listener(metrics);
         let (hub, service) = (server.hub().clone(), server.service().clone());
+        let cluster = server.cluster().cloned();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.serve(listener, async {
             let _ = stopped.await;
@@ -94,6 +100,7 @@ impl TestServer {
             metrics_addr,
             hub,
             service,
+            cluster,
             stop: Some(stop),
             task: Some(task),
         }
@@ -469,6 +476,8 @@ pub fn unix_now() -> u64 {
 pub struct TickerdProcess {
     pub child: Child,
     pub addr: SocketAddr,
+    /// The operations endpoint, when started with `--metrics-listen`.
+    pub metrics_addr: Option<SocketAddr>,
     pub log: mpsc::UnboundedReceiver<String>,
 }
 
@@ -494,10 +503,16 @@ impl TickerdProcess {
                 let _ = tx.send(line);
             }
         });
+        let mut metrics_addr = None;
         let addr = loop {
             let line = within(log.recv())
                 .await
                 .expect("tickerd exited before listening");
+            if line.contains("metrics endpoint listening") {
+                let start = line.find("\"addr\":\"").expect("addr field") + 8;
+                let rest = &line[start..];
+                metrics_addr = rest[..rest.find('"').expect("addr end")].parse().ok();
+            }
             if line.contains("tickerd listening") {
                 let start = line.find("\"addr\":\"").expect("addr field") + 8;
                 let rest = &line[start..];
@@ -506,7 +521,12 @@ impl TickerdProcess {
                     .expect("addr");
             }
         };
-        TickerdProcess { child, addr, log }
+        TickerdProcess {
+            child,
+            addr,
+            metrics_addr,
+            log,
+        }
     }
 
     pub fn url(&self) -> String {

