@@ -430,3 +430,57 @@ async fn read_seqs(cli: &mut TickerCli, seqs: &mut Vec<u64>, until: u64) {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grafana_dashboard_queries_only_series_a_cluster_node_exports() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/grafana/tickerd.json");
+    let text = std::fs::read_to_string(path).expect("dashboard");
+    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("dashboard is JSON");
+    let exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_string))
+        .collect();
+    assert!(exprs.len() >= 7, "{exprs:?}");
+
+    // A node with traffic, so every family has a series.
+    let nats = Nats::start();
+    let a = node(&nats.url()).await;
+    publish(&mut a.client().await, ticks("X", 3)).await;
+    let mut stream = Stream::open(&mut a.client().await).await;
+    stream.subscribed("X").await;
+    stream.expect(Kind::Snapshot, "X").await;
+    publish(&mut a.client().await, priced("X", 4, 1)).await;
+    next_ticks(&mut stream, 1).await;
+    let (_, metrics) = a.http_get("/metrics").await;
+    let exported: BTreeSet<&str> = metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    for expr in &exprs {
+        for name in metric_names(expr) {
+            assert!(
+                exported.contains(name.as_str()),
+                "the dashboard queries {name}, which /metrics does not export"
+            );
+        }
+    }
+}
+
+/// The `tickerd_*` series names in a PromQL expression.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("tickerd_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.push(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    names
+}
