@@ -305,7 +305,7 @@ async fn a_node_cut_from_nats_tells_its_clients_goes_unhealthy_and_catches_up() 
         let mut health = health.clone();
         async move {
             let request = tonic_health::pb::HealthCheckRequest {
-                service: String::new(),
+                service: "ticker.v1.TickerStreamService".into(),
             };
             within(health.check(request))
                 .await

@@ -413,9 +413,11 @@ impl Server {
     }
 }
 
-/// gRPC health follows the bus: NOT_SERVING while a cluster node is cut from it (so
-/// balancers move clients to healthy nodes), SERVING again when it is back, until the
-/// drain, which owns the status from then on.
+/// gRPC health of `ticker.v1.TickerStreamService` follows the bus: NOT_SERVING while a
+/// cluster node is cut from it (so readiness checks move clients to healthy nodes),
+/// SERVING again when it is back, until the drain, which owns the status from then on.
+/// The server-wide status ("") stays SERVING: the process is alive, and a liveness
+/// probe must not restart a node for an outage of NATS.
 async fn follow_bus_health(
     mut healthy: watch::Receiver<bool>,
     health: tonic_health::server::HealthReporter,
@@ -434,7 +436,6 @@ async fn follow_bus_health(
         if draining.is_cancelled() {
             return;
         }
-        health.set_service_status("", status).await;
         health
             .set_service_status("ticker.v1.TickerStreamService", status)
             .await;
