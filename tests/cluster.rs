@@ -126,6 +126,12 @@ async fn concurrent_publishers_on_two_nodes_make_one_contiguous_sequence() {
     let prices: BTreeSet<u64> = got.iter().map(|t| t.ltp as u64).collect();
     let sent: BTreeSet<u64> = (10_000..10_000 + N).chain(20_000..20_000 + N).collect();
     assert_eq!(prices, sent, "every tick of both publishers, once");
+    let batches: u64 = [&a, &b]
+        .iter()
+        .filter_map(|n| n.cluster.as_ref())
+        .map(|c| c.stats().batches.load(Ordering::Relaxed))
+        .sum();
+    assert!(batches > 0, "ticks that queue go out as atomic batches");
     // Each node's ticks keep their own order.
     let from_a: Vec<u64> = got
         .iter()

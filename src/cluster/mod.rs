@@ -31,10 +31,11 @@ use crate::{
 
 pub use ingest::{Ack, Ingest, IngestError};
 
-/// The oldest nats-server whose `Nats-Expected-Last-Subject-Sequence` check is atomic
-/// (2.9.15 to 2.9.20 could accept two publishes expecting the same last sequence,
-/// nats-server issue 4320) and which has direct get and multi-filter consumers.
-pub const MIN_SERVER: (u64, u64, u64) = (2, 10, 0);
+/// The oldest nats-server tickerd runs on: its `Nats-Expected-Last-Subject-Sequence`
+/// check is atomic (2.9.15 to 2.9.20 could accept two publishes expecting the same last
+/// sequence, nats-server issue 4320), and it has direct get and atomic batch publish
+/// (2.12), which the sequencer uses for busy symbols.
+pub const MIN_SERVER: (u64, u64, u64) = (2, 12, 0);
 
 /// `--cluster*` flags.
 #[derive(Args, Debug, Clone, Default)]
@@ -141,6 +142,8 @@ pub struct ClusterStats {
     pub conflicts: AtomicU64,
     /// Syncs of a symbol started (each one a consumer created on the bus).
     pub syncs_started: AtomicU64,
+    /// Atomic batches stored (each several ticks of one symbol in one round trip).
+    pub batches: AtomicU64,
 }
 
 /// A connected cluster; cheap to clone.
@@ -197,10 +200,26 @@ impl Cluster {
                 stream: name.clone(),
                 reason: e.to_string(),
             })?;
-        let info = stream.info().await.map_err(|e| ClusterError::Stream {
-            stream: name.clone(),
-            reason: e.to_string(),
-        })?;
+        let mut info = stream
+            .info()
+            .await
+            .map_err(|e| ClusterError::Stream {
+                stream: name.clone(),
+                reason: e.to_string(),
+            })?
+            .clone();
+        if !info.config.allow_atomic_publish {
+            // A stream made by an older tickerd: batches need the flag.
+            let mut config = info.config.clone();
+            config.allow_atomic_publish = true;
+            info = context
+                .update_stream(config)
+                .await
+                .map_err(|e| ClusterError::Stream {
+                    stream: name.clone(),
+                    reason: format!("cannot allow atomic batches: {e}"),
+                })?;
+        }
         let kept = info.config.max_messages_per_subject;
         if kept != history_size.max(1) as i64 {
             tracing::warn!(stream = %name, kept, history_size, "the stream keeps another history size than --history-size; its own setting wins");
@@ -322,6 +341,7 @@ fn stream_config(name: &str, history_size: usize, replicas: usize) -> stream::Co
         storage: stream::StorageType::File,
         num_replicas: replicas.max(1),
         allow_direct: true,
+        allow_atomic_publish: true,
         discard: stream::DiscardPolicy::Old,
         description: Some("tickerd market ticks, one subject per symbol".into()),
         ..Default::default()
@@ -349,7 +369,8 @@ mod tests {
     #[test]
     fn old_servers_are_refused() {
         assert!(version_at_least("2.15.1", MIN_SERVER));
-        assert!(version_at_least("2.10.0", MIN_SERVER));
+        assert!(version_at_least("2.12.0", MIN_SERVER));
+        assert!(!version_at_least("2.11.9", MIN_SERVER));
         assert!(version_at_least("v3.0.0-beta", MIN_SERVER));
         assert!(!version_at_least("2.9.20", MIN_SERVER));
         assert!(!version_at_least("2.9.10", MIN_SERVER));

@@ -36,9 +36,15 @@ use wire::SymbolTable;
 /// Options of `tickerd-bench`. Durations take units: 500ms, 5s.
 #[derive(Args, Debug, Clone)]
 pub struct Options {
-    /// Server to load, as http://host:port.
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    pub server: String,
+    /// Server to load, as http://host:port. Repeat it (or separate with commas) to load
+    /// a cluster: connections go to the servers in turn, so streams spread evenly, and
+    /// the publisher uses the first.
+    #[arg(
+        long = "server",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub servers: Vec<String>,
     /// Client connections; streams are spread over them round-robin.
     #[arg(long, default_value_t = 50)]
     pub conns: usize,
@@ -101,9 +107,14 @@ pub struct Options {
     /// A small window makes stalled streams back up into the server sooner.
     #[arg(long)]
     pub stream_window: Option<u32>,
-    /// The server's pid, to report its CPU per delivered tick and its memory.
+    /// The server's pid, to report its CPU per delivered tick and its memory. Repeat it
+    /// for a cluster: the CPU of all of them is added up (per delivery it is then the
+    /// nodes' average, as each delivers its own streams' ticks).
+    #[arg(long = "server-pid", value_delimiter = ',')]
+    pub server_pids: Vec<u32>,
+    /// The message bus's pid (a cluster's nats-server), to report its CPU apart.
     #[arg(long)]
-    pub server_pid: Option<u32>,
+    pub bus_pid: Option<u32>,
     /// Print the report as JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -196,9 +207,10 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
     let table = Arc::new(SymbolTable::numbered(opts.symbols));
     let symbols: Arc<Vec<String>> = Arc::new(table.names().to_vec());
     let mut channels = Vec::with_capacity(opts.conns.max(1));
-    for _ in 0..opts.conns.max(1) {
+    for i in 0..opts.conns.max(1) {
+        let server = &opts.servers[i % opts.servers.len().max(1)];
         let endpoint =
-            client::endpoint(opts.server.clone())?.initial_stream_window_size(opts.stream_window);
+            client::endpoint(server.clone())?.initial_stream_window_size(opts.stream_window);
         channels.push(endpoint.connect().await?);
     }
     let clients: Vec<Client> = channels.iter().cloned().map(Client::new).collect();
@@ -207,7 +219,9 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
         .map(|s| PublishRequest::new(s.clone(), 100.0))
         .collect();
     clients[0].clone().publish(tokio_stream::iter(seed)).await?;
-    let pid = opts.server_pid.map(|p| p.to_string());
+    let pids: Vec<String> = opts.server_pids.iter().map(|p| p.to_string()).collect();
+    let pid = pids.first().cloned();
+    let bus = opts.bus_pid.map(|p| p.to_string());
     if let Some(n) = opts.idle_streams {
         return idle(&channels, &table, pid.as_deref(), n)
             .await
@@ -236,13 +250,15 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
     for (i, step) in schedule.steps.iter().enumerate() {
         sleep_until_unix(step.measure_from).await;
         let cpu_start = (
-            pid.as_deref().and_then(procfs::cpu_seconds),
+            procfs::cpu_seconds_of(&pids),
             procfs::cpu_seconds("self"),
+            bus.as_deref().and_then(procfs::cpu_seconds),
         );
         sleep_until_unix(step.end).await;
         let cpu_end = (
-            pid.as_deref().and_then(procfs::cpu_seconds),
+            procfs::cpu_seconds_of(&pids),
             procfs::cpu_seconds("self"),
+            bus.as_deref().and_then(procfs::cpu_seconds),
         );
         tokio::time::sleep(opts.grace).await;
         let stats = step_stats(&fleet.fast, i);
@@ -267,7 +283,8 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
             &stats,
             cpu_end.0.zip(cpu_start.0).map(|(e, s)| e - s),
             cpu_end.1.zip(cpu_start.1).map(|(e, s)| e - s),
-        );
+        )
+        .with_bus_cpu(cpu_end.2.zip(cpu_start.2).map(|(e, s)| e - s));
         let passed = report.passes(opts.min_delivery, opts.max_p99);
         steps.push(report);
         if opts.ramp && !passed {

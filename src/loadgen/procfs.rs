@@ -17,6 +17,15 @@ pub fn cpu_seconds(pid: &str) -> Option<f64> {
     Some((utime + stime) / USER_HZ)
 }
 
+/// The CPU seconds of several processes added up; `None` if there are none or one
+/// cannot be read.
+pub fn cpu_seconds_of(pids: &[String]) -> Option<f64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|p| cpu_seconds(p)).sum()
+}
+
 /// Resident set size of `pid`, in bytes.
 pub fn rss_bytes(pid: &str) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

@@ -31,7 +31,7 @@ pub struct OptionsEcho {
 impl From<&Options> for OptionsEcho {
     fn from(o: &Options) -> Self {
         OptionsEcho {
-            server: o.server.clone(),
+            server: o.servers.join(","),
             conns: o.conns,
             streams: o.streams,
             subs_per_stream: o.subs_per_stream,
@@ -61,6 +61,8 @@ pub struct StepReport {
     pub server_cpu_seconds: Option<f64>,
     pub server_cpu_us_per_delivery: Option<f64>,
     pub loadgen_cpu_seconds: Option<f64>,
+    /// The bus's (a cluster's nats-server) CPU, with `--bus-pid`.
+    pub bus_cpu_seconds: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -111,7 +113,13 @@ impl StepReport {
                 .filter(|_| stats.delivered > 0)
                 .map(|c| c * 1e6 / stats.delivered as f64),
             loadgen_cpu_seconds: loadgen_cpu,
+            bus_cpu_seconds: None,
         }
+    }
+
+    pub fn with_bus_cpu(mut self, bus_cpu: Option<f64>) -> StepReport {
+        self.bus_cpu_seconds = bus_cpu;
+        self
     }
 
     /// Whether this step meets the ramp's bar.
@@ -202,6 +210,9 @@ impl fmt::Display for Report {
                     }
                     if let Some(cpu) = s.loadgen_cpu_seconds {
                         write!(f, "  loadgen CPU {cpu:.2}s")?;
+                    }
+                    if let Some(cpu) = s.bus_cpu_seconds {
+                        write!(f, "  bus CPU {cpu:.2}s")?;
                     }
                     writeln!(f)?;
                 }

@@ -599,6 +599,11 @@ fn encode_cluster(
             &stats.syncs_started,
         ),
         (
+            "cluster_publish_batches",
+            "Atomic batches stored: ticks of one symbol that queued behind its last publish",
+            &stats.batches,
+        ),
+        (
             "cluster_publish_conflicts",
             "Publishes re-stamped because another node stored a tick of the symbol first",
             &stats.conflicts,
