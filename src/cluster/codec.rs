@@ -22,6 +22,17 @@ pub(super) fn subject(name: &str, symbol: &str) -> String {
     format!("{name}.t.{}", symbol.replace('.', "%2E"))
 }
 
+/// Where the stream republishes each stored tick of `symbol` (a plain subject, so a
+/// node following it costs the bus one message, not a consumer).
+pub(super) fn republished(name: &str, symbol: &str) -> String {
+    format!("{name}.r.{}", symbol.replace('.', "%2E"))
+}
+
+/// The republish mapping of the stream `name`: every tick subject to its `republished`.
+pub(super) fn republish(name: &str) -> (String, String) {
+    (all_subjects(name), format!("{name}.r.>"))
+}
+
 /// A tick as the bus carries it.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct BusTick {

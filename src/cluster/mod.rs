@@ -144,6 +144,9 @@ pub struct ClusterStats {
     pub syncs_started: AtomicU64,
     /// Atomic batches stored (each several ticks of one symbol in one round trip).
     pub batches: AtomicU64,
+    /// Reads of a symbol's stored ticks: its history on a new sync, and after an
+    /// outage or a missed tick.
+    pub catch_ups: AtomicU64,
 }
 
 /// A connected cluster; cheap to clone.
@@ -208,16 +211,27 @@ impl Cluster {
                 reason: e.to_string(),
             })?
             .clone();
-        if !info.config.allow_atomic_publish {
-            // A stream made by an older tickerd: batches need the flag.
+        let republish = codec::republish(&name);
+        let republishes = info.config.republish.as_ref().is_some_and(|r| {
+            (r.source.as_str(), r.destination.as_str(), r.headers_only)
+                == (republish.0.as_str(), republish.1.as_str(), false)
+        });
+        if !info.config.allow_atomic_publish || !republishes {
+            // A stream made by an older tickerd: batches need the flag, and nodes
+            // follow ticks on the republish subjects.
             let mut config = info.config.clone();
             config.allow_atomic_publish = true;
+            config.republish = Some(stream::Republish {
+                source: republish.0,
+                destination: republish.1,
+                headers_only: false,
+            });
             info = context
                 .update_stream(config)
                 .await
                 .map_err(|e| ClusterError::Stream {
                     stream: name.clone(),
-                    reason: format!("cannot allow atomic batches: {e}"),
+                    reason: format!("cannot allow atomic batches and republish: {e}"),
                 })?;
         }
         let kept = info.config.max_messages_per_subject;
@@ -342,6 +356,11 @@ fn stream_config(name: &str, history_size: usize, replicas: usize) -> stream::Co
         num_replicas: replicas.max(1),
         allow_direct: true,
         allow_atomic_publish: true,
+        republish: Some(stream::Republish {
+            source: codec::republish(name).0,
+            destination: codec::republish(name).1,
+            headers_only: false,
+        }),
         discard: stream::DiscardPolicy::Old,
         description: Some("tickerd market ticks, one subject per symbol".into()),
         ..Default::default()

@@ -1,14 +1,14 @@
 //! Interest-driven syncs: a node reads from the bus only the symbols its own clients
-//! want. When a symbol gains its first local subscription (`hub::Interest`), an ordered
-//! JetStream consumer filtered on its subject loads the retained history into the hub
-//! and then follows it live; once caught up, the hub answers the waiting subscribes.
-//! When the last local subscription leaves, the consumer lingers for
-//! `--cluster-linger`, then stops and the hub forgets the symbol.
+//! want. When a symbol gains its first local subscription (`hub::Interest`), the node
+//! subscribes to the symbol's republished ticks, loads the retained history into the
+//! hub with a short-lived ordered consumer, and then follows the live ticks; once
+//! caught up, the hub answers the waiting subscribes. When the last local subscription
+//! leaves, the sync lingers for `--cluster-linger`, then stops and the hub forgets the
+//! symbol.
 //!
-//! After the connection comes back, each sync makes a new consumer starting right after
-//! the last stream sequence it read (rather than waiting for the old one's missed
-//! heartbeats), so an outage is caught up at once; ticks the stream no longer holds
-//! arrive as a seq hole, which sessions announce as KIND_LAGGED with its size.
+//! After the connection comes back, each sync reads what the stream stored after the
+//! last tick it applied, so an outage is caught up at once; ticks the stream no longer
+//! holds arrive as a seq hole, which sessions announce as KIND_LAGGED with its size.
 
 use std::{
     collections::HashMap,
@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{codec, Cluster};
 use crate::{
+    clock,
     hub::{Hub, Interest},
     symbol::Symbol,
 };
@@ -157,6 +158,14 @@ async fn sleep_until(at: Option<Instant>) {
 
 /// Reads `symbol` from the bus into the hub until stopped: the retained history, then
 /// live ticks. `subscribable`: the symbol may be subscribed before its first tick.
+///
+/// Live ticks come from the stream's republish subject, a plain NATS subscription
+/// that costs the bus one message per node (no consumer per symbol and node); each
+/// carries its stream sequence and that of the subject's previous tick, so a tick
+/// this node did not see (dropped while the connection was down, or by a slow
+/// subscription) shows as a hole and is fetched from the stream (`catch_up`). The
+/// subscription is made before the history is read, so nothing stored in between is
+/// missed.
 async fn follow(
     cluster: Cluster,
     hub: Hub,
@@ -166,101 +175,185 @@ async fn follow(
     stop: CancellationToken,
 ) {
     let inner = &cluster.inner;
-    let subject = codec::subject(&inner.name, &symbol);
-    let mut live = false;
-    let mut next_stream_seq = 0u64;
-    let mut connected = inner.connected.clone();
+    let client = inner.context.client();
     let mut backoff = Duration::from_millis(100);
+    let mut live = loop {
+        match client
+            .subscribe(codec::republished(&inner.name, &symbol))
+            .await
+        {
+            Ok(live) => break live,
+            Err(e) => {
+                tracing::warn!(%symbol, error = %e, "cannot follow the symbol on the bus; retrying");
+                if !pause(&stop, &mut backoff).await {
+                    return;
+                }
+            }
+        }
+    };
+    let reader = Reader {
+        cluster: &cluster,
+        hub: &hub,
+        symbol: &symbol,
+        generation,
+        stop: &stop,
+    };
+    let Some(mut last) = reader.catch_up(0).await else {
+        return;
+    };
+    hub.set_live(&symbol, generation, last > 0 || subscribable);
+    if last == 0 && !subscribable {
+        // Nothing on the bus and not subscribable: the waiting subscribes are refused
+        // as unknown, and nothing is read.
+        return;
+    }
+    let mut connected = inner.connected.clone();
+    connected.mark_unchanged();
     loop {
+        let message = tokio::select! {
+            _ = stop.cancelled() => return,
+            // Back from an outage: fetch what was stored meanwhile.
+            Ok(()) = connected.changed() => {
+                if *connected.borrow_and_update() {
+                    match reader.catch_up(last).await {
+                        Some(caught_up) => last = caught_up,
+                        None => return,
+                    }
+                }
+                continue;
+            }
+            message = live.next() => message,
+        };
+        let Some(message) = message else {
+            tracing::warn!(%symbol, "the bus ended the symbol's subscription");
+            return;
+        };
+        let Some((stream_seq, previous)) = republish_headers(&message) else {
+            continue;
+        };
+        if stream_seq <= last {
+            continue; // read already, from the history or a catch-up
+        }
+        if previous != last {
+            match reader.catch_up(last).await {
+                Some(caught_up) => last = caught_up,
+                None => return,
+            }
+            if stream_seq <= last {
+                continue;
+            }
+        }
+        reader.apply(&message.payload, clock::now_unix_nanos());
+        last = stream_seq;
+    }
+}
+
+/// (stream sequence, the subject's previous stream sequence) of a republished tick.
+fn republish_headers(message: &async_nats::Message) -> Option<(u64, u64)> {
+    let headers = message.headers.as_ref()?;
+    let number = |name: &str| headers.get_last(name)?.as_str().parse::<u64>().ok();
+    Some((
+        number("Nats-Sequence")?,
+        number("Nats-Last-Sequence").unwrap_or(0),
+    ))
+}
+
+/// Applies ticks of one symbol's sync to the hub.
+struct Reader<'a> {
+    cluster: &'a Cluster,
+    hub: &'a Hub,
+    symbol: &'a Symbol,
+    generation: u64,
+    stop: &'a CancellationToken,
+}
+
+impl Reader<'_> {
+    fn apply(&self, payload: &[u8], stored: i64) {
+        let Some(tick) = codec::decode(payload) else {
+            return;
+        };
+        let inner = &self.cluster.inner;
+        inner.stats.received.fetch_add(1, Ordering::Relaxed);
+        let applied = self.hub.apply(
+            self.generation,
+            self.symbol,
+            tick.seq,
+            tick.ltp,
+            tick.event_time,
+            stored,
+        );
+        if let Err(e) = applied {
+            tracing::warn!(symbol = %self.symbol, seq = tick.seq, error = %e, "bad tick on the bus skipped");
+        }
+    }
+
+    /// Reads the stream's ticks of the symbol after stream sequence `after` (all it
+    /// holds for 0) until none is pending; retries until it succeeds. Returns the stream
+    /// sequence of the last one (`after` if there was none), or `None` once stopped.
+    async fn catch_up(&self, after: u64) -> Option<u64> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.try_catch_up(after).await {
+                Ok(Some(last)) => return Some(last),
+                Ok(None) => return None,
+                Err(e) => {
+                    tracing::warn!(symbol = %self.symbol, error = %e, "cannot read the symbol's history from the bus; retrying");
+                    if !pause(self.stop, &mut backoff).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn try_catch_up(&self, after: u64) -> Result<Option<u64>, String> {
+        let inner = &self.cluster.inner;
         let config = OrderedConfig {
-            filter_subject: subject.clone(),
-            deliver_policy: match next_stream_seq {
+            filter_subject: codec::subject(&inner.name, self.symbol),
+            deliver_policy: match after {
                 0 => DeliverPolicy::All,
-                start_sequence => DeliverPolicy::ByStartSequence { start_sequence },
+                last => DeliverPolicy::ByStartSequence {
+                    start_sequence: last + 1,
+                },
             },
             ..Default::default()
         };
-        let created = tokio::select! {
-            _ = stop.cancelled() => return,
-            created = inner.stream.create_consumer(config) => created,
+        let consumer = tokio::select! {
+            _ = self.stop.cancelled() => return Ok(None),
+            created = inner.stream.create_consumer(config) => created.map_err(|e| e.to_string())?,
         };
-        let consumer = match created {
-            Ok(consumer) => consumer,
-            Err(e) => {
-                tracing::warn!(%symbol, error = %e, "cannot read the symbol from the bus; retrying");
-                if !pause(&stop, &mut backoff).await {
-                    return;
-                }
-                continue;
-            }
-        };
-        if !live && consumer.cached_info().num_pending == 0 {
-            hub.set_live(&symbol, generation, subscribable);
-            live = true;
-            if !subscribable {
-                // Nothing on the bus and not subscribable: the waiting subscribes are
-                // refused as unknown, and nothing is read.
-                return;
-            }
+        self.cluster
+            .stats()
+            .catch_ups
+            .fetch_add(1, Ordering::Relaxed);
+        if consumer.cached_info().num_pending == 0 {
+            return Ok(Some(after));
         }
-        let mut messages = match consumer.messages().await {
-            Ok(messages) => messages,
-            Err(e) => {
-                tracing::warn!(%symbol, error = %e, "cannot read the symbol from the bus; retrying");
-                if !pause(&stop, &mut backoff).await {
-                    return;
-                }
-                continue;
-            }
-        };
-        backoff = Duration::from_millis(100);
-        connected.mark_unchanged();
+        let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
         loop {
             let next = tokio::select! {
-                _ = stop.cancelled() => return,
-                next = messages.next() => next,
-                // Back from an outage: read on from where this sync stopped.
-                Ok(()) = connected.changed() => {
-                    if *connected.borrow_and_update() {
-                        break;
-                    }
-                    continue;
-                }
+                _ = self.stop.cancelled() => return Ok(None),
+                next = tokio::time::timeout(CATCH_UP_STALL, messages.next()) => next,
             };
             let message = match next {
-                Some(Ok(message)) => message,
-                Some(Err(e)) => {
-                    tracing::debug!(%symbol, error = %e, "bus read interrupted");
-                    continue;
-                }
-                None => break,
+                Ok(Some(Ok(message))) => message,
+                Ok(Some(Err(e))) => return Err(e.to_string()),
+                Ok(None) => return Err("the consumer ended".into()),
+                Err(_) => return Err("no tick from the bus for 5 s".into()),
             };
-            let Ok(info) = message.info() else {
-                continue;
-            };
+            let info = message.info().map_err(|e| e.to_string())?;
             let (stream_seq, pending) = (info.stream_sequence, info.pending);
             let stored = info.published.unix_timestamp_nanos() as i64;
-            next_stream_seq = stream_seq + 1;
-            if let Some(tick) = codec::decode(&message.payload) {
-                inner.stats.received.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = hub.apply(
-                    generation,
-                    &symbol,
-                    tick.seq,
-                    tick.ltp,
-                    tick.event_time,
-                    stored,
-                ) {
-                    tracing::warn!(%symbol, seq = tick.seq, error = %e, "bad tick on the bus skipped");
-                }
-            }
-            if !live && pending == 0 {
-                hub.set_live(&symbol, generation, true);
-                live = true;
+            self.apply(&message.payload, stored);
+            if pending == 0 {
+                return Ok(Some(stream_seq));
             }
         }
     }
 }
+
+/// How long a catch-up waits for its next tick before starting over.
+const CATCH_UP_STALL: Duration = Duration::from_secs(5);
 
 /// Waits `backoff` (doubling it up to 5 s) unless stopped; `false` when stopped.
 async fn pause(stop: &CancellationToken, backoff: &mut Duration) -> bool {

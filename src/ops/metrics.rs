@@ -599,6 +599,11 @@ fn encode_cluster(
             &stats.syncs_started,
         ),
         (
+            "cluster_catch_ups",
+            "Reads of a symbol's stored ticks: history on a new sync, after an outage or a missed tick",
+            &stats.catch_ups,
+        ),
+        (
             "cluster_publish_batches",
             "Atomic batches stored: ticks of one symbol that queued behind its last publish",
             &stats.batches,
