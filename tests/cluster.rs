@@ -357,6 +357,59 @@ async fn a_node_cut_from_nats_tells_its_clients_goes_unhealthy_and_catches_up() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_longer_than_the_history_is_announced_with_the_exact_count() {
+    let nats = Nats::start();
+    let proxy = Proxy::start(nats.port).await;
+    let history = |c: &mut Config| c.history_size = 4;
+    let a = node_with(&nats.url(), history).await;
+    let b = node_with(&proxy.url(), history).await;
+    publish(&mut a.client().await, priced("X", 1, 1)).await;
+    let mut on_b = Stream::open(&mut b.client().await).await;
+    on_b.subscribed("X").await;
+    on_b.expect(Kind::Snapshot, "X").await;
+
+    proxy.cut();
+    on_b.expect(Kind::Stale, "X").await;
+    // Seqs 2..=11 while b is cut off; the stream keeps only 8..=11.
+    publish(&mut a.client().await, priced("X", 2, 10)).await;
+    proxy.heal();
+    let (mut lagged, mut ticks, mut live) = (None, Vec::new(), false);
+    while !(live && ticks.len() == 4) {
+        let msg = on_b.next().await;
+        match msg.kind() {
+            Kind::Live => live = true,
+            Kind::Lagged => lagged = Some(msg.dropped),
+            Kind::Tick => ticks.push(msg.seq),
+            other => panic!("unexpected {other:?}: {msg:?}"),
+        }
+    }
+    assert_eq!(lagged, Some(6), "seqs 2..=7 are gone, and said so exactly");
+    assert_eq!(ticks, [8, 9, 10, 11]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_authenticates_to_nats_and_a_wrong_token_stops_start_up() {
+    let nats = Nats::start_with_token(Some("s3cret-token"));
+    let token =
+        |t: &'static str| move |c: &mut Config| c.cluster.cluster_token = Some(t.to_string());
+    let a = node_with(&nats.url(), token("s3cret-token")).await;
+    let counts = publish(&mut a.client().await, ticks("X", 2)).await;
+    assert_eq!(counts.accepted, 2);
+    let mut config = tickerd::server::config::Config::defaults();
+    config.cluster.urls = vec![nats.url()];
+    config.cluster.cluster_token = Some("wrong".into());
+    let refused = within(tickerd::server::Server::build(config))
+        .await
+        .err()
+        .expect("a wrong token is refused");
+    let message = refused.to_string();
+    assert!(
+        message.contains("cannot connect to NATS") && message.contains("authorization"),
+        "{message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_survives_the_kill_of_its_node_without_a_gap() {
     let nats = Nats::start();
     let args = [

@@ -249,12 +249,14 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
     let mut steps = Vec::new();
     for (i, step) in schedule.steps.iter().enumerate() {
         sleep_until_unix(step.measure_from).await;
+        let each_start: Vec<Option<f64>> = pids.iter().map(|p| procfs::cpu_seconds(p)).collect();
         let cpu_start = (
             procfs::cpu_seconds_of(&pids),
             procfs::cpu_seconds("self"),
             bus.as_deref().and_then(procfs::cpu_seconds),
         );
         sleep_until_unix(step.end).await;
+        let each_end: Vec<Option<f64>> = pids.iter().map(|p| procfs::cpu_seconds(p)).collect();
         let cpu_end = (
             procfs::cpu_seconds_of(&pids),
             procfs::cpu_seconds("self"),
@@ -284,7 +286,14 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
             cpu_end.0.zip(cpu_start.0).map(|(e, s)| e - s),
             cpu_end.1.zip(cpu_start.1).map(|(e, s)| e - s),
         )
-        .with_bus_cpu(cpu_end.2.zip(cpu_start.2).map(|(e, s)| e - s));
+        .with_bus_cpu(cpu_end.2.zip(cpu_start.2).map(|(e, s)| e - s))
+        .with_each_server_cpu(
+            each_end
+                .iter()
+                .zip(&each_start)
+                .filter_map(|(e, s)| e.zip(*s).map(|(e, s)| e - s))
+                .collect(),
+        );
         let passed = report.passes(opts.min_delivery, opts.max_p99);
         steps.push(report);
         if opts.ramp && !passed {

@@ -63,6 +63,8 @@ pub struct StepReport {
     pub loadgen_cpu_seconds: Option<f64>,
     /// The bus's (a cluster's nats-server) CPU, with `--bus-pid`.
     pub bus_cpu_seconds: Option<f64>,
+    /// Each server's CPU, in `--server-pid` order (a cluster's nodes).
+    pub server_cpu_seconds_each: Vec<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -114,7 +116,13 @@ impl StepReport {
                 .map(|c| c * 1e6 / stats.delivered as f64),
             loadgen_cpu_seconds: loadgen_cpu,
             bus_cpu_seconds: None,
+            server_cpu_seconds_each: Vec::new(),
         }
+    }
+
+    pub fn with_each_server_cpu(mut self, each: Vec<f64>) -> StepReport {
+        self.server_cpu_seconds_each = each;
+        self
     }
 
     pub fn with_bus_cpu(mut self, bus_cpu: Option<f64>) -> StepReport {
@@ -207,6 +215,14 @@ impl fmt::Display for Report {
                     )?;
                     if let (Some(cpu), Some(per)) = (s.server_cpu_seconds, s.server_cpu_us_per_delivery) {
                         write!(f, "  server CPU {cpu:.2}s = {per:.3} us/delivery")?;
+                    }
+                    if s.server_cpu_seconds_each.len() > 1 {
+                        let each: Vec<String> = s
+                            .server_cpu_seconds_each
+                            .iter()
+                            .map(|c| format!("{c:.2}s"))
+                            .collect();
+                        write!(f, " (each: {})", each.join(", "))?;
                     }
                     if let Some(cpu) = s.loadgen_cpu_seconds {
                         write!(f, "  loadgen CPU {cpu:.2}s")?;

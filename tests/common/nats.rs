@@ -41,16 +41,24 @@ pub struct Nats {
     pub port: u16,
     store: tempfile::TempDir,
     child: Option<Child>,
+    /// Clients must present this token (`--auth`), when set.
+    token: Option<String>,
 }
 
 impl Nats {
     pub fn start() -> Nats {
+        Self::start_with_token(None)
+    }
+
+    /// A server that wants `token` from every client.
+    pub fn start_with_token(token: Option<&str>) -> Nats {
         let store = tempfile::tempdir().expect("store dir");
         let port = free_port();
         let mut nats = Nats {
             port,
             store,
             child: None,
+            token: token.map(str::to_string),
         };
         nats.launch();
         nats
@@ -62,7 +70,8 @@ impl Nats {
 
     /// Starts the server on its port and store, and waits until it says it is ready.
     fn launch(&mut self) {
-        let mut child = Command::new(binary())
+        let mut command = Command::new(binary());
+        command
             .args([
                 "-js",
                 "-a",
@@ -71,7 +80,11 @@ impl Nats {
                 &self.port.to_string(),
                 "-sd",
             ])
-            .arg(self.store.path())
+            .arg(self.store.path());
+        if let Some(token) = &self.token {
+            command.args(["--auth", token]);
+        }
+        let mut child = command
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
