@@ -5,14 +5,17 @@
 //! folds); a [`session`] is one client stream draining the hub under backpressure
 //! (subscriptions, policies, lag notices); a [`transport`] carries sessions to clients
 //! (gRPC with its own response body; connections, TLS and I/O threads); the [`server`]
-//! assembles them (flags, limits, health, lifecycle). [`auth`] decides who may do what;
+//! assembles them (flags, limits, health, lifecycle). With `--cluster`, [`cluster`] sits
+//! beside the hub as its source of ticks (NATS JetStream orders and stores them; feeds
+//! and Publish write through `cluster::Ingest`). [`auth`] decides who may do what;
 //! [`ops`] is what operators see (metrics, the HTTP endpoint, RPC accounting, logs).
 //! [`wire`] is gRPC's message framing, shared by the hub's encode-once ticks and the
 //! transports. [`client`], [`cli`] and [`loadgen`] are the client side.
 //!
 //! Dependencies run one way, from the server down: server → transport → session →
-//! hub → wire; `auth`, `ops`, `clock`, `symbol` and `shutdown` sit beside, imported by
-//! the layers above them and importing none of them.
+//! hub → wire, with `cluster` between the transports and feeds above it and the hub
+//! below; `auth`, `ops`, `clock`, `symbol` and `shutdown` sit beside, imported by the
+//! layers above them.
 #![forbid(unsafe_code)]
 
 pub mod auth;
