@@ -3,6 +3,7 @@
 //! for messages with a deadline so a broken server fails a test instead of hanging it.
 #![allow(dead_code)]
 
+pub mod h2raw;
 pub mod nats;
 
 use std::{

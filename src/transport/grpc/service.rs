@@ -209,7 +209,7 @@ impl TickerStreamService for TickerService {
     ) -> Result<Response<Session>, Status> {
         let principal = self.caller(&request)?;
         let ticket = self.admit("TickerStream", &request, &principal)?;
-        let requests: Requests = Box::pin(request.into_inner());
+        let requests: Requests = Box::pin(request.into_inner().map(|r| r.map_err(blame_client)));
         Ok(Response::new(self.session(
             ticket,
             Some(requests),
@@ -322,6 +322,7 @@ impl TickerStreamService for TickerService {
                 }
                 Err(status) => {
                     ticket.reason = ended::CLIENT_ERROR;
+                    let status = blame_client(status);
                     let msg = format!(
                         "{} ({} accepted, {} rejected before it)",
                         status.message(),
@@ -348,6 +349,18 @@ impl TickerStreamService for TickerService {
         }
         Ok(Response::new(GetQuotesResponse { quotes }))
     }
+}
+
+/// tonic reports a request stream that ends inside a message (its length prefix
+/// announced more than was sent) as INTERNAL; it is the client's fault.
+fn blame_client(status: Status) -> Status {
+    if status.code() == tonic::Code::Internal && status.message().starts_with("Unexpected EOF") {
+        return Status::invalid_argument(
+            "the request stream ended inside a message: its length prefix announced more \
+             bytes than were sent",
+        );
+    }
+    status
 }
 
 /// Ticks of one Publish call the bus may still be storing; past it the call reads no
