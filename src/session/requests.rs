@@ -273,6 +273,9 @@ impl Session {
     pub(super) fn flush(&mut self, mut old: Sub) -> u64 {
         if let Feed::Conflate { conflator, .. } = &mut old.feed {
             if let Some(fold) = conflator.take() {
+                // A delivery like any conflated message (the chaos soak's accounting).
+                self.local.delivered += 1;
+                self.local.dirty = true;
                 self.control.push_back(Outbound::message(conflated(&fold)));
                 return fold.last.seq;
             }
