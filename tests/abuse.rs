@@ -32,6 +32,23 @@ async fn server() -> TestServer {
     .await
 }
 
+/// A server, a bystander streaming beside it, and a raw connection sending `settings`.
+async fn case(settings: &[(u16, u32)]) -> (TestServer, Bystander, Raw) {
+    let server = server().await;
+    let bystander = Bystander::start(&server).await;
+    let raw = Raw::connect(server.addr, settings).await;
+    (server, bystander, raw)
+}
+
+/// The server answered with GOAWAY `code`, or by closing: the reset of a close can
+/// overtake the GOAWAY before it is read.
+fn answered(answer: Option<u32>, code: u32) {
+    assert!(
+        answer.is_none() || answer == Some(code),
+        "GOAWAY {answer:?}, not {code}"
+    );
+}
+
 /// A well-behaved client: a stream subscribed to `OK`, and a publisher that sends
 /// `BYSTANDER_TICKS` ticks of it in small paced batches while the abuse runs.
 struct Bystander {
@@ -113,9 +130,7 @@ fn subscribe_message(symbol: &str) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rapid_reset_ends_the_connection_with_enhance_your_calm() {
-    let server = server().await;
-    let bystander = Bystander::start(&server).await;
-    let mut raw = Raw::connect(server.addr, &[]).await;
+    let (server, bystander, mut raw) = case(&[]).await;
     let headers = grpc_headers("TickerStream");
     let mut burst = Vec::new();
     for i in 0..2_000u32 {
@@ -130,9 +145,7 @@ async fn rapid_reset_ends_the_connection_with_enhance_your_calm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_continuation_flood_ends_the_connection() {
-    let server = server().await;
-    let bystander = Bystander::start(&server).await;
-    let mut raw = Raw::connect(server.addr, &[]).await;
+    let (server, bystander, mut raw) = case(&[]).await;
     let mut opening = grpc_headers("TickerStream");
     opening.extend(literal("x-pad", &[b'a'; 100]));
     raw.send(&frame(HEADERS, 0, 1, &opening)).await;
@@ -148,18 +161,13 @@ async fn a_continuation_flood_ends_the_connection() {
     );
     let answer = raw.goaway(WAIT).await;
     // GOAWAY ENHANCE_YOUR_CALM, unless the close's reset overtook it.
-    assert!(
-        matches!(answer, Some(ENHANCE_YOUR_CALM) | None),
-        "{answer:?}"
-    );
+    answered(answer, ENHANCE_YOUR_CALM);
     bystander.unharmed(&server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settings_and_ping_floods_from_a_client_that_never_reads_stay_bounded() {
-    let server = server().await;
-    let bystander = Bystander::start(&server).await;
-    let mut raw = Raw::connect(server.addr, &[]).await;
+    let (server, bystander, mut raw) = case(&[]).await;
     let mut flood = Vec::new();
     for i in 0..50_000u64 {
         flood.extend(frame(SETTINGS, 0, 0, &[]));
@@ -173,34 +181,21 @@ async fn settings_and_ping_floods_from_a_client_that_never_reads_stay_bounded() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_empty_data_frames_hurts_nobody() {
-    let server = server().await;
-    let bystander = Bystander::start(&server).await;
-    let mut raw = Raw::connect(server.addr, &[]).await;
-    raw.send(&frame(
-        HEADERS,
-        END_HEADERS,
-        1,
-        &grpc_headers("TickerStream"),
-    ))
-    .await;
+    let (server, bystander, mut raw) = case(&[]).await;
+    raw.open(1).await;
     let mut flood = Vec::new();
     for _ in 0..100_000 {
         flood.extend(frame(DATA, 0, 1, &[]));
     }
     let _ = tokio::time::timeout(Duration::from_secs(3), raw.send(&flood)).await;
     let answer = raw.goaway(WAIT).await;
-    assert!(
-        matches!(answer, Some(ENHANCE_YOUR_CALM) | None),
-        "{answer:?}"
-    );
+    answered(answer, ENHANCE_YOUR_CALM);
     bystander.unharmed(&server).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_window_overflow_is_a_flow_control_error() {
-    let server = server().await;
-    let bystander = Bystander::start(&server).await;
-    let mut raw = Raw::connect(server.addr, &[]).await;
+    let (server, bystander, mut raw) = case(&[]).await;
     let increment = 0x7fff_ffffu32.to_be_bytes();
     raw.send(&frame(WINDOW_UPDATE, 0, 0, &increment)).await;
     raw.send(&frame(WINDOW_UPDATE, 0, 0, &increment)).await;
@@ -210,16 +205,8 @@ async fn a_window_overflow_is_a_flow_control_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_whose_window_stays_zero_only_backs_up_its_own_ring() {
-    let server = server().await;
-    let bystander = Bystander::start(&server).await;
-    let mut raw = Raw::connect(server.addr, &[(SETTINGS_INITIAL_WINDOW_SIZE, 0)]).await;
-    raw.send(&frame(
-        HEADERS,
-        END_HEADERS,
-        1,
-        &grpc_headers("TickerStream"),
-    ))
-    .await;
+    let (server, bystander, mut raw) = case(&[(SETTINGS_INITIAL_WINDOW_SIZE, 0)]).await;
+    raw.open(1).await;
     raw.send(&frame(DATA, 0, 1, &subscribe_message("OK"))).await;
     // It never grants a byte of window, and never reads.
     bystander.unharmed(&server).await;
@@ -244,10 +231,7 @@ async fn an_hpack_bomb_and_oversized_headers_are_refused() {
     let mut raw = Raw::connect(server.addr, &[]).await;
     raw.send(&frame(HEADERS, END_HEADERS, 1, &bomb)).await;
     let bombed = raw.goaway(WAIT).await;
-    assert!(
-        matches!(bombed, Some(ENHANCE_YOUR_CALM) | None),
-        "{bombed:?}"
-    );
+    answered(bombed, ENHANCE_YOUR_CALM);
     // One header over --http2-max-header-list-size (16 KiB).
     let mut big = grpc_headers("TickerStream");
     big.extend(literal("x-big", &vec![b'y'; 20_000]));
@@ -270,9 +254,7 @@ async fn an_hpack_bomb_and_oversized_headers_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_past_max_concurrent_streams_are_refused() {
-    let server = server().await;
-    let bystander = Bystander::start(&server).await;
-    let mut raw = Raw::connect(server.addr, &[]).await;
+    let (server, bystander, mut raw) = case(&[]).await;
     // Let the server's SETTINGS (max 16 streams) arrive first.
     let _ = raw.next_frame(WAIT).await;
     raw.send(&frame(SETTINGS, 0x1, 0, &[])).await;
@@ -289,13 +271,11 @@ async fn streams_past_max_concurrent_streams_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_sends_the_preface_and_then_nothing_is_closed() {
-    let server = server().await;
-    let bystander = Bystander::start(&server).await;
-    let mut raw = Raw::connect(server.addr, &[]).await;
+    let (server, bystander, mut raw) = case(&[]).await;
     // Never answers the server's keepalive PING: closed after interval + timeout.
     let started = tokio::time::Instant::now();
     let answer = raw.goaway(WAIT).await;
-    assert!(matches!(answer, Some(NO_ERROR) | None), "{answer:?}");
+    answered(answer, NO_ERROR);
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "closed only after {:?}",
@@ -318,14 +298,7 @@ async fn half_open_connections_and_a_reader_that_never_reads_hurt_nobody() {
     }
     // A stream subscribed to the busy symbol whose client never reads a byte.
     let mut stuck = Raw::connect(server.addr, &[]).await;
-    stuck
-        .send(&frame(
-            HEADERS,
-            END_HEADERS,
-            1,
-            &grpc_headers("TickerStream"),
-        ))
-        .await;
+    stuck.open(1).await;
     stuck
         .send(&frame(DATA, 0, 1, &subscribe_message("OK")))
         .await;

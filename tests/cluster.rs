@@ -35,6 +35,17 @@ async fn node_with(bus: &str, adjust: impl FnOnce(&mut Config)) -> TestServer {
     .await
 }
 
+/// `N` nodes on `bus`.
+async fn nodes<const N: usize>(bus: &str) -> [TestServer; N] {
+    let mut started = Vec::with_capacity(N);
+    for _ in 0..N {
+        started.push(node(bus).await);
+    }
+    started
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("N nodes were started"))
+}
+
 fn epoch(server: &TestServer) -> u64 {
     server.cluster.as_ref().expect("a cluster node").epoch()
 }
@@ -64,11 +75,7 @@ fn seqs(ticks: &[TickerResponse]) -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tick_published_on_one_node_reaches_every_node_with_the_same_seq_and_epoch() {
     let nats = Nats::start();
-    let (a, b, c) = (
-        node(&nats.url()).await,
-        node(&nats.url()).await,
-        node(&nats.url()).await,
-    );
+    let [a, b, c] = nodes(&nats.url()).await;
     assert_eq!(epoch(&a), epoch(&b), "one market, one epoch");
     publish(&mut a.client().await, ticks("X", 1)).await;
     let mut streams = Vec::new();
@@ -101,11 +108,7 @@ async fn a_tick_published_on_one_node_reaches_every_node_with_the_same_seq_and_e
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_publishers_on_two_nodes_make_one_contiguous_sequence() {
     let nats = Nats::start();
-    let (a, b, c) = (
-        node(&nats.url()).await,
-        node(&nats.url()).await,
-        node(&nats.url()).await,
-    );
+    let [a, b, c] = nodes(&nats.url()).await;
     publish(&mut c.client().await, ticks("X", 1)).await;
     let mut stream = Stream::open(&mut c.client().await).await;
     stream.subscribed("X").await;
@@ -180,7 +183,7 @@ async fn a_client_resumes_on_another_node_from_the_buses_history() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quotes_and_acks_are_right_on_a_node_that_never_followed_the_symbol() {
     let nats = Nats::start();
-    let (a, b) = (node(&nats.url()).await, node(&nats.url()).await);
+    let [a, b] = nodes(&nats.url()).await;
     publish(&mut a.client().await, priced("X", 1, 3)).await;
     let mut client = b.client().await;
     let got = quotes(&mut client, &["X", "NOPE"]).await;
@@ -218,7 +221,7 @@ async fn quotes_and_acks_are_right_on_a_node_that_never_followed_the_symbol() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_reads_from_the_bus_only_the_symbols_its_clients_want() {
     let nats = Nats::start();
-    let (a, b) = (node(&nats.url()).await, node(&nats.url()).await);
+    let [a, b] = nodes(&nats.url()).await;
     let received = || {
         b.cluster
             .as_ref()
@@ -262,7 +265,7 @@ async fn a_node_reads_from_the_bus_only_the_symbols_its_clients_want() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nats_restart_is_announced_and_loses_nothing_acknowledged() {
     let mut nats = Nats::start();
-    let (a, b) = (node(&nats.url()).await, node(&nats.url()).await);
+    let [a, b] = nodes(&nats.url()).await;
     publish(&mut a.client().await, priced("X", 1, 3)).await;
     let mut on_b = Stream::open(&mut b.client().await).await;
     on_b.subscribed("X").await;

@@ -208,6 +208,17 @@ struct Sub {
     conflate: bool,
 }
 
+/// What a client knows of its current stream.
+#[derive(Default)]
+struct StreamState {
+    subs: HashMap<String, Sub>,
+    /// The seq each pending resuming subscribe resumes after.
+    resumes: HashMap<String, u64>,
+    /// Ticks received, and announced dropped, on this stream.
+    got: u64,
+    dropped: u64,
+}
+
 /// A client's end state.
 struct Final {
     name: String,
@@ -258,14 +269,12 @@ impl Client {
                 continue;
             };
             let mut rx = response.into_inner();
-            let mut subs: HashMap<String, Sub> = HashMap::new();
-            let (mut got, mut dropped) = (0u64, 0u64);
-            let mut resumes: HashMap<String, u64> = HashMap::new();
+            let mut state = StreamState::default();
             let ended = loop {
                 if tokio::time::Instant::now() >= deadline {
                     break false;
                 }
-                me.act(&tx, &subs, &mut resumes, ttl).await;
+                me.act(&tx, &mut state, ttl).await;
                 if me.rng.random_ratio(1, 60) {
                     tally("streams dropped by their client", 1);
                     break true; // drop the stream abruptly
@@ -276,36 +285,23 @@ impl Client {
                 }
                 let until =
                     tokio::time::Instant::now() + Duration::from_millis(me.rng.random_range(5..80));
-                if !me
-                    .read(
-                        &mut rx,
-                        until,
-                        &mut subs,
-                        &mut resumes,
-                        &mut got,
-                        &mut dropped,
-                    )
-                    .await
-                {
+                if !me.read(&mut rx, until, &mut state).await {
                     break true; // the server ended it
                 }
             };
             if ended {
                 continue;
             }
-            // The end: read everything left, then report this stream's counts.
+            // The end: a token that outlives the check (an expiry would end the stream
+            // before the server's counts are read), then read everything left and
+            // report this stream's counts.
+            let lasting = TickerRequest {
+                token: token(&me.name, "*", None, Duration::from_secs(120)),
+                ..Default::default()
+            };
+            let _ = tx.send(lasting).await;
             let until = tokio::time::Instant::now() + Duration::from_millis(1500);
-            if !me
-                .read(
-                    &mut rx,
-                    until,
-                    &mut subs,
-                    &mut resumes,
-                    &mut got,
-                    &mut dropped,
-                )
-                .await
-            {
+            if !me.read(&mut rx, until, &mut state).await {
                 // It ended (token expiry) during the drain: a new, idle stream reports 0.
                 let (tx, requests) = mpsc::channel(1);
                 let request = common::bearer(
@@ -322,8 +318,8 @@ impl Client {
             }
             return Final {
                 name: me.name,
-                got,
-                dropped,
+                got: state.got,
+                dropped: state.dropped,
                 _open: (tx, rx),
             };
         }
@@ -341,10 +337,10 @@ impl Client {
     async fn act(
         &mut self,
         tx: &mpsc::Sender<TickerRequest>,
-        subs: &HashMap<String, Sub>,
-        resumes: &mut HashMap<String, u64>,
+        state: &mut StreamState,
         ttl: Duration,
     ) {
+        let (subs, resumes) = (&state.subs, &mut state.resumes);
         let roll = self.rng.random_range(0..40);
         let request = if roll < 20 {
             let name = symbol(self.rng.random_range(0..SYMBOLS));
@@ -386,10 +382,7 @@ impl Client {
         &mut self,
         rx: &mut tonic::Streaming<TickerResponse>,
         until: tokio::time::Instant,
-        subs: &mut HashMap<String, Sub>,
-        resumes: &mut HashMap<String, u64>,
-        got: &mut u64,
-        dropped: &mut u64,
+        state: &mut StreamState,
     ) -> bool {
         loop {
             let msg = match tokio::time::timeout_at(until, rx.message()).await {
@@ -417,18 +410,17 @@ impl Client {
                     return false;
                 }
             };
-            self.check(msg, subs, resumes, got, dropped);
+            self.check(msg, state);
         }
     }
 
-    fn check(
-        &mut self,
-        msg: TickerResponse,
-        subs: &mut HashMap<String, Sub>,
-        resumes: &mut HashMap<String, u64>,
-        got: &mut u64,
-        dropped: &mut u64,
-    ) {
+    fn check(&mut self, msg: TickerResponse, state: &mut StreamState) {
+        let StreamState {
+            subs,
+            resumes,
+            got,
+            dropped,
+        } = state;
         let name = msg.symbol.clone();
         match msg.kind() {
             Kind::Subscribed if msg.detail == "already subscribed" => {}

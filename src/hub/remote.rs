@@ -375,6 +375,14 @@ mod tests {
         crate::clock::now_unix_nanos()
     }
 
+    /// Subscribes to "A", which is not synced yet: the wait.
+    fn syncing(hub: &Hub, bell: &Bell) -> SyncWait {
+        match hub.subscribe_with("A", None, Delivery::Channel(bell)) {
+            Err(SubscribeError::Syncing(wait)) => wait,
+            other => panic!("not syncing: {:?}", other.map(|s| s.seq)),
+        }
+    }
+
     fn clustered() -> (Hub, Arc<Interest>) {
         Hub::sequenced_by_cluster(HubConfig::default(), 42)
     }
@@ -383,10 +391,7 @@ mod tests {
     async fn a_subscribe_waits_for_the_sync_then_sees_the_buses_seq_and_epoch() {
         let (hub, interest) = clustered();
         let bell = Bell::new();
-        let wait = match hub.subscribe_with("A", None, Delivery::Channel(&bell)) {
-            Err(SubscribeError::Syncing(wait)) => wait,
-            other => panic!("{:?}", other.map(|s| s.seq)),
-        };
+        let wait = syncing(&hub, &bell);
         let woken = Arc::new(Count(AtomicUsize::new(0)));
         wait.notify(&Waker::from(Arc::clone(&woken)));
         assert_eq!(interest.changed().await, vec![Arc::from("A")]);
@@ -429,11 +434,7 @@ mod tests {
     async fn a_hole_from_the_bus_is_a_gap_for_readers_and_not_replayed_over() {
         let (hub, _interest) = clustered();
         let bell = Bell::new();
-        let Err(SubscribeError::Syncing(wait)) =
-            hub.subscribe_with("A", None, Delivery::Channel(&bell))
-        else {
-            panic!("not syncing")
-        };
+        let wait = syncing(&hub, &bell);
         let generation = hub.begin_sync("A").unwrap();
         hub.apply(generation, "A", 1, 1.0, 1, 1).unwrap();
         hub.set_live("A", generation, true);
@@ -455,11 +456,7 @@ mod tests {
     async fn an_unknown_symbol_is_refused_once_and_an_unwanted_one_cools() {
         let (hub, _interest) = clustered();
         let bell = Bell::new();
-        let Err(SubscribeError::Syncing(wait)) =
-            hub.subscribe_with("A", None, Delivery::Channel(&bell))
-        else {
-            panic!("not syncing")
-        };
+        let wait = syncing(&hub, &bell);
         let generation = hub.begin_sync("A").unwrap();
         hub.set_live("A", generation, false);
         assert!(matches!(

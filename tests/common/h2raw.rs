@@ -50,18 +50,17 @@ pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 
 /// A literal header field without indexing, new name (RFC 7541 6.2.2), no Huffman.
 pub fn literal(name: &str, value: &[u8]) -> Vec<u8> {
-    let mut out = vec![0x00];
-    integer(&mut out, 0, 7, name.len());
-    out.extend_from_slice(name.as_bytes());
-    integer(&mut out, 0, 7, value.len());
-    out.extend_from_slice(value);
-    out
+    field(0x00, name, value)
 }
 
 /// A literal header field with incremental indexing, new name (RFC 7541 6.2.1): it
 /// enters the dynamic table at index 62.
 pub fn literal_indexed(name: &str, value: &[u8]) -> Vec<u8> {
-    let mut out = vec![0x40];
+    field(0x40, name, value)
+}
+
+fn field(first: u8, name: &str, value: &[u8]) -> Vec<u8> {
+    let mut out = vec![first];
     integer(&mut out, 0, 7, name.len());
     out.extend_from_slice(name.as_bytes());
     integer(&mut out, 0, 7, value.len());
@@ -137,6 +136,17 @@ impl Raw {
             socket,
             read: Vec::new(),
         }
+    }
+
+    /// Opens a TickerStream call on stream `id` (its HEADERS; the body follows).
+    pub async fn open(&mut self, id: u32) -> bool {
+        self.send(&frame(
+            HEADERS,
+            END_HEADERS,
+            id,
+            &grpc_headers("TickerStream"),
+        ))
+        .await
     }
 
     /// Writes bytes; `false` once the server closed the connection.
