@@ -7,7 +7,7 @@ mod common;
 use std::{collections::BTreeSet, sync::atomic::Ordering, time::Duration};
 
 use common::{
-    eventually, http_get, nats::Nats, nats::Proxy, publish, quotes, ticks, within, Stream,
+    eventually, http_get, nats::Nats, nats::Proxy, publish, quotes, ticks, within, Keys, Stream,
     TestServer, TickerCli, TickerdProcess,
 };
 use tickerd::{
@@ -409,6 +409,53 @@ async fn a_node_authenticates_to_nats_and_a_wrong_token_stops_start_up() {
     assert!(
         message.contains("cannot connect to NATS") && message.contains("authorization"),
         "{message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reaches_nats_over_mutual_tls_and_an_untrusted_server_stops_start_up() {
+    let keys = Keys::new();
+    let client = keys
+        .ca
+        .client(
+            "tickerd-node",
+            tickerd::transport::devcerts::Validity::days(1),
+        )
+        .expect("client cert");
+    let (cert, key) = (
+        keys.write("node.pem", &client.cert),
+        keys.write("node.key", &client.key),
+    );
+    let nats = Nats::start_with_tls([
+        keys.path("server.pem"),
+        keys.path("server.key"),
+        keys.path("ca.pem"),
+    ]);
+    let tls = {
+        let (ca, cert, key) = (keys.path("ca.pem"), cert.clone(), key.clone());
+        move |c: &mut Config| {
+            c.cluster.cluster_ca = Some(ca);
+            c.cluster.cluster_cert = Some(cert);
+            c.cluster.cluster_key = Some(key);
+        }
+    };
+    let a = node_with(&nats.url(), tls).await;
+    let counts = publish(&mut a.client().await, ticks("X", 2)).await;
+    assert_eq!(counts.accepted, 2);
+    // Trusting another CA: the server's certificate is refused.
+    let other = Keys::new();
+    let mut config = Config::defaults();
+    config.cluster.urls = vec![nats.url()];
+    config.cluster.cluster_ca = Some(other.path("ca.pem"));
+    config.cluster.cluster_cert = Some(cert);
+    config.cluster.cluster_key = Some(key);
+    let refused = within(tickerd::server::Server::build(config))
+        .await
+        .err()
+        .expect("an untrusted server is refused");
+    assert!(
+        refused.to_string().contains("cannot connect to NATS"),
+        "{refused}"
     );
 }
 

@@ -43,6 +43,9 @@ pub struct Nats {
     child: Option<Child>,
     /// Clients must present this token (`--auth`), when set.
     token: Option<String>,
+    /// (certificate, key, CA) files: TLS, and clients must present a certificate of
+    /// that CA.
+    tls: Option<[PathBuf; 3]>,
 }
 
 impl Nats {
@@ -52,6 +55,16 @@ impl Nats {
 
     /// A server that wants `token` from every client.
     pub fn start_with_token(token: Option<&str>) -> Nats {
+        Self::start_with(token, None)
+    }
+
+    /// A server on mutual TLS: `files` are its certificate, key, and the CA its clients'
+    /// certificates must chain to.
+    pub fn start_with_tls(files: [PathBuf; 3]) -> Nats {
+        Self::start_with(None, Some(files))
+    }
+
+    fn start_with(token: Option<&str>, tls: Option<[PathBuf; 3]>) -> Nats {
         let store = tempfile::tempdir().expect("store dir");
         let port = free_port();
         let mut nats = Nats {
@@ -59,6 +72,7 @@ impl Nats {
             store,
             child: None,
             token: token.map(str::to_string),
+            tls,
         };
         nats.launch();
         nats
@@ -83,6 +97,15 @@ impl Nats {
             .arg(self.store.path());
         if let Some(token) = &self.token {
             command.args(["--auth", token]);
+        }
+        if let Some([cert, key, ca]) = &self.tls {
+            command
+                .args(["--tlsverify", "--tlscert"])
+                .arg(cert)
+                .arg("--tlskey")
+                .arg(key)
+                .arg("--tlscacert")
+                .arg(ca);
         }
         let mut child = command
             .stdout(Stdio::null())
