@@ -1,8 +1,9 @@
-//! Chaos soak with exact accounting: a real server (JWT auth, small rings so streams
-//! lag) driven for `TICKERD_SOAK_SECONDS` (default 20) by a seeded random mix of
+//! Chaos soak with exact accounting: a real server (TLS, JWT auth, small rings so
+//! streams lag) driven for `TICKERD_SOAK_SECONDS` (default 20) by a seeded random mix of
 //! publishers at bursty rates and clients that subscribe, unsubscribe, resume from old
 //! and new seqs, switch policies, stall, drop their connection, refresh their token
-//! in-band and let it expire. `tests/run.sh` runs it for 120 s with the fixed seed;
+//! in-band and let it expire, while the server reloads its certificates (what SIGHUP
+//! does) twice a second. `tests/run.sh` runs it for 120 s with the fixed seed;
 //! `TICKERD_SOAK_SEED` picks another; a failure prints the seed.
 //!
 //! Checked all along, per client and symbol: seqs increase; every gap is announced
@@ -81,6 +82,7 @@ async fn chaos_soak_with_exact_accounting() {
     let keys = Keys::new();
     let server = TestServer::with(|c| {
         keys.jwt(c);
+        keys.tls(c, false);
         // Tokens of a few seconds really expire (the default leeway is 30 s).
         c.jwt_leeway = Duration::ZERO;
         c.channel_capacity = 64;
@@ -91,8 +93,12 @@ async fn chaos_soak_with_exact_accounting() {
     let faults: Faults = Arc::default();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
 
+    let tls = keys.client_tls(None);
+    let connect = |tls: tonic::transport::ClientTlsConfig, url: String| async move {
+        common::tls_client(&url, tls).await.expect("TLS connect")
+    };
     // Every symbol ticks once first, so all are known.
-    let mut admin = server.client().await;
+    let mut admin = connect(tls.clone(), server.url()).await;
     let publisher_token = token("publisher", "*", Some("publish"), Duration::from_secs(3600));
     let seed_ticks: Vec<PublishRequest> = (0..SYMBOLS)
         .map(|i| PublishRequest::new(symbol(i), 100.0))
@@ -108,8 +114,9 @@ async fn chaos_soak_with_exact_accounting() {
     for p in 0..PUBLISHERS {
         let (url, token) = (server.url(), publisher_token.clone());
         let mut rng = SmallRng::seed_from_u64(seed ^ (0x5eed_0000 + p as u64));
+        let client = connect(tls.clone(), url);
         tasks.push(tokio::spawn(async move {
-            let mut client = tickerd::client::connect(url).await.expect("connect");
+            let mut client = client.await;
             while tokio::time::Instant::now() < deadline {
                 let burst: Vec<PublishRequest> = (0..rng.random_range(1..400))
                     .map(|_| {
@@ -133,19 +140,30 @@ async fn chaos_soak_with_exact_accounting() {
     let mut clients = Vec::new();
     for c in 0..CLIENTS {
         let rng = SmallRng::seed_from_u64(seed ^ (0xc11e_0000 + c as u64));
+        let client = connect(tls.clone(), server.url()).await;
         clients.push(tokio::spawn(Client::run(
-            server.url(),
+            client,
             c,
             rng,
             deadline,
             Arc::clone(&faults),
         )));
     }
-    let mut peak = 0;
+    let (mut peak, mut reloads) = (0, 0u64);
+    let reloader = server.tls_reloader.clone().expect("TLS on");
     while tokio::time::Instant::now() < deadline {
         peak = peak.max(rss());
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        // What SIGHUP does: re-read the certificate files while streams run.
+        if !reloader.reload() {
+            faults
+                .lock()
+                .unwrap()
+                .push("a TLS reload was refused".into());
+        }
+        reloads += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    tally("TLS reloads", reloads);
     for task in tasks {
         task.await.expect("publisher");
     }
@@ -244,7 +262,7 @@ impl Client {
     /// got on its last stream and the ticks announced dropped on it, and that stream
     /// (kept open until the server's counts are read).
     async fn run(
-        url: String,
+        mut client: tickerd::client::Client,
         id: usize,
         rng: SmallRng,
         deadline: tokio::time::Instant,
@@ -256,7 +274,6 @@ impl Client {
             faults,
             seen: HashMap::new(),
         };
-        let mut client = tickerd::client::connect(url).await.expect("connect");
         loop {
             let ttl = Duration::from_millis(me.rng.random_range(500..6000));
             let (tx, rx) = mpsc::channel(64);

@@ -41,6 +41,8 @@ pub struct TestServer {
     pub service: TickerService,
     /// The cluster's bus, for servers started with `--cluster`.
     pub cluster: Option<Cluster>,
+    /// What SIGHUP does (re-read the TLS files), for servers with TLS.
+    pub tls_reloader: Option<tickerd::server::TlsReloader>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), tickerd::server::ServerError>>>,
 }
@@ -88,6 +90,7 @@ impl TestServer {
         let server = server.metrics_listener(metrics);
         let (hub, service) = (server.hub().clone(), server.service().clone());
         let cluster = server.cluster().cloned();
+        let tls_reloader = server.tls_reloader();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.serve(listener, async {
             let _ = stopped.await;
@@ -99,6 +102,7 @@ impl TestServer {
             hub,
             service,
             cluster,
+            tls_reloader,
             stop: Some(stop),
             task: Some(task),
         }
