@@ -31,6 +31,8 @@ use crate::{
     hub::{Hub, Source},
 };
 
+mod cluster;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RpcLabel {
     pub rpc: &'static str,
@@ -536,7 +538,7 @@ impl Collector for HubCollector {
         )?)?;
 
         if let Some(cluster) = self.cluster.get() {
-            encode_cluster(cluster, &mut encoder)?;
+            cluster::encode(cluster, &mut encoder)?;
         }
         if self.per_symbol {
             let snapshot = self.hub.symbol_seqs();
@@ -565,57 +567,4 @@ impl Collector for HubCollector {
         }
         Ok(())
     }
-}
-
-/// The cluster's series (`--cluster`).
-fn encode_cluster(
-    cluster: &Cluster,
-    encoder: &mut DescriptorEncoder,
-) -> Result<(), std::fmt::Error> {
-    let stats = cluster.stats();
-    let connected = ConstGauge::new(i64::from(cluster.is_connected()));
-    connected.encode(encoder.encode_descriptor(
-        "cluster_connected",
-        "1 while the market-data bus (NATS) is reachable",
-        None,
-        connected.metric_type(),
-    )?)?;
-    let syncing = ConstGauge::new(stats.syncing.load(Ordering::Relaxed) as i64);
-    syncing.encode(encoder.encode_descriptor(
-        "cluster_symbols_synced",
-        "Symbols this node reads from the bus (wanted by its clients, or lingering)",
-        None,
-        syncing.metric_type(),
-    )?)?;
-    for (name, help, value) in [
-        (
-            "cluster_ticks_received",
-            "Ticks this node read from the bus (history and live)",
-            &stats.received,
-        ),
-        (
-            "cluster_syncs",
-            "Syncs of a symbol started (one bus consumer each)",
-            &stats.syncs_started,
-        ),
-        (
-            "cluster_catch_ups",
-            "Reads of a symbol's stored ticks: history on a new sync, after an outage or a missed tick",
-            &stats.catch_ups,
-        ),
-        (
-            "cluster_publish_batches",
-            "Atomic batches stored: ticks of one symbol that queued behind its last publish",
-            &stats.batches,
-        ),
-        (
-            "cluster_publish_conflicts",
-            "Publishes re-stamped because another node stored a tick of the symbol first",
-            &stats.conflicts,
-        ),
-    ] {
-        let counter = ConstCounter::new(value.load(Ordering::Relaxed));
-        counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
-    }
-    Ok(())
 }
