@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite from a clean checkout: installs what the tests need when it is
-# missing, runs `cargo test`, the chaos soak for 120 s (tests/soak.rs; seed 42, or
-# $TICKERD_SOAK_SEED; $TICKERD_SOAK_SECONDS), then every fuzz target briefly
+# missing, runs `cargo test`, the chaos soak for 120 s (tests/soak/; seed 42, or
+# $TICKERD_SOAK_SEED; $TICKERD_SOAK_SECONDS) beside the minute-long stalled-client case
+# ($TICKERD_STALL_SECONDS), then every fuzz target briefly
 # (fuzz/run.sh, 20 s each, or $TICKERD_FUZZ_SECONDS). With arguments, only
 # `cargo test ARGS` runs.
 #

@@ -1,6 +1,7 @@
 //! The operations HTTP endpoint (`--metrics-listen`): /metrics in Prometheus text format,
 //! /healthz (200 while serving, 503 once draining) for balancers that do not speak gRPC
-//! health, and /streams, the JSON list of open streams. Plain HTTP/1.1 with hyper; it
+//! health, /streams, the JSON list of open streams, and /streams/ended, the last
+//! streams to end with their final counts. Plain HTTP/1.1 with hyper; it
 //! runs until the server has finished draining.
 
 use std::convert::Infallible;
@@ -96,10 +97,18 @@ fn respond(
                 format!("{e}\n"),
             ),
         },
+        "/streams/ended" => match serde_json::to_string_pretty(&metrics.ended_list()) {
+            Ok(json) => reply(StatusCode::OK, "application/json", json),
+            Err(e) => reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                format!("{e}\n"),
+            ),
+        },
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /metrics, /healthz or /streams\n".into(),
+            "not found: try /metrics, /healthz, /streams or /streams/ended\n".into(),
         ),
     }
 }

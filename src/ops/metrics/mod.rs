@@ -60,7 +60,7 @@ pub mod ended {
     pub const CLIENT_ERROR: &str = "client_error";
     pub const COMPLETED: &str = "completed";
     pub const SHUTDOWN: &str = "shutdown";
-    /// Reserved for the STRICT delivery policy (not produced yet).
+    /// A STRICT stream fell behind its ring.
     pub const SLOW_CONSUMER: &str = "slow_consumer";
     /// The caller's token expired while the stream was open.
     pub const AUTH_EXPIRY: &str = "auth_expiry";
@@ -103,7 +103,13 @@ pub struct Inner {
 struct StreamTable {
     open: DashMap<u64, Arc<StreamInfo>>,
     closed: std::sync::Mutex<Totals>,
+    /// The last `ENDED_KEPT` streams to end, with their final counts and why they
+    /// ended: /streams/ended, so every tick the totals count has a stream to answer for.
+    ended: std::sync::Mutex<std::collections::VecDeque<StreamView>>,
 }
+
+/// How many ended streams /streams/ended keeps (about 200 bytes each).
+pub const ENDED_KEPT: usize = 1024;
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Totals {
@@ -124,12 +130,20 @@ impl StreamTable {
         t
     }
 
-    fn close(&self, id: u64) {
+    fn close(&self, id: u64, reason: &'static str) {
         let mut closed = self.closed.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, s)) = self.open.remove(&id) {
             closed.sent += s.sent.load(Ordering::Relaxed);
             closed.dropped += s.dropped.load(Ordering::Relaxed);
             closed.lag_notices += s.lag_notices.load(Ordering::Relaxed);
+            let mut view = s.view();
+            view.ended = Some(reason.to_string());
+            // Under `closed`'s lock, so the totals and this list never disagree.
+            let mut ended = self.ended.lock().unwrap_or_else(|e| e.into_inner());
+            if ended.len() == ENDED_KEPT {
+                ended.pop_front();
+            }
+            ended.push_back(view);
         }
     }
 }
@@ -337,7 +351,7 @@ impl Metrics {
 
     /// Unregisters a stream, counting why it ended.
     pub fn close_stream(&self, info: &StreamInfo, reason: &'static str) {
-        self.streams_table.close(info.id);
+        self.streams_table.close(info.id, reason);
         self.streams
             .get_or_create(&RpcLabel { rpc: info.rpc })
             .dec();
@@ -356,6 +370,16 @@ impl Metrics {
             .collect();
         list.sort_by_key(|s| s.id);
         list
+    }
+
+    /// The last `ENDED_KEPT` streams to end, oldest first, with their final counts.
+    pub fn ended_list(&self) -> Vec<StreamView> {
+        let ended = self
+            .streams_table
+            .ended
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        ended.iter().cloned().collect()
     }
 }
 
@@ -402,6 +426,9 @@ pub struct StreamView {
     pub ticks_sent: u64,
     pub ticks_dropped: u64,
     pub behind: u64,
+    /// Why it ended (`client_cancel`, `token_expired`, ...); only in /streams/ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended: Option<String>,
 }
 
 impl StreamInfo {
@@ -416,6 +443,7 @@ impl StreamInfo {
             ticks_sent: self.sent.load(Ordering::Relaxed),
             ticks_dropped: self.dropped.load(Ordering::Relaxed),
             behind: self.behind.load(Ordering::Relaxed),
+            ended: None,
         }
     }
 }
