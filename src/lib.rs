@@ -38,6 +38,8 @@ pub mod wire;
 #[allow(clippy::all, clippy::pedantic)]
 pub mod pb {
     tonic::include_proto!("ticker.v1");
+    // The proto3 JSON mapping (pbjson): int64 as strings, enum names, lowerCamelCase.
+    include!(concat!(env!("OUT_DIR"), "/ticker.v1.serde.rs"));
     include!(concat!(
         env!("OUT_DIR"),
         "/ticker.v1.TickerStreamService.rs"

@@ -167,6 +167,16 @@ impl Authenticator {
         Ok(jwt.verify(token)?)
     }
 
+    /// The caller a bare token names (a WebSocket's first message: browsers cannot set
+    /// headers). Only with tokens on.
+    pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
+        let jwt = self.jwt.as_ref().ok_or(AuthError::Missing)?;
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(AuthError::TooLarge);
+        }
+        Ok(jwt.verify(token)?)
+    }
+
     /// The caller after an in-band token refresh: the new token must pass every check
     /// and name the same subject.
     pub fn refresh(&self, current: &Principal, token: &str) -> Result<Principal, AuthError> {

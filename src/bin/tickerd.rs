@@ -30,7 +30,8 @@ async fn run(config: Config) -> ExitCode {
         tracing::error!("cannot start: {e}");
         return ExitCode::FAILURE;
     }
-    let (listen, metrics_listen) = (config.listen, config.metrics_listen);
+    let (listen, metrics_listen, web_listen) =
+        (config.listen, config.metrics_listen, config.web_listen);
     let mut server = match Server::build(config).await {
         Ok(server) => server,
         Err(e) => {
@@ -56,6 +57,21 @@ async fn run(config: Config) -> ExitCode {
             }
             Err(e) => {
                 tracing::error!("cannot listen on {addr} for metrics: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    if let Some(addr) = web_listen {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(web) => {
+                let bound = web
+                    .local_addr()
+                    .map_or_else(|_| addr.to_string(), |a| a.to_string());
+                tracing::info!(addr = %bound, "web listening (board /, WebSocket /v1/stream, gRPC-Web)");
+                server = server.web_listener(web);
+            }
+            Err(e) => {
+                tracing::error!("cannot listen on {addr} for the web: {e}");
                 return ExitCode::FAILURE;
             }
         }

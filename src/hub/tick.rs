@@ -1,7 +1,7 @@
 //! A tick as the hub keeps it: its fields, and its `TickerResponse` encoded and framed
 //! once (`wire`), so every stream that sends it shares the same bytes.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 
@@ -24,12 +24,23 @@ pub struct Tick {
     /// (uncompressed, length) and the protobuf bytes, encoded once. A stream with only
     /// this tick ready sends these very bytes.
     pub framed: Bytes,
+    /// The same message in the proto3 JSON mapping, made by the first WebSocket session
+    /// that sends it, then shared like `framed`.
+    json: OnceLock<Bytes>,
 }
 
 impl Tick {
     /// The protobuf bytes of `framed`, without the gRPC prefix.
     pub fn encoded(&self) -> &[u8] {
         &self.framed[GRPC_PREFIX..]
+    }
+
+    /// The KIND_TICK message as proto3 JSON (one WebSocket text frame).
+    pub fn json(&self) -> &Bytes {
+        self.json.get_or_init(|| {
+            // Serializing plain fields into a Vec cannot fail.
+            Bytes::from(serde_json::to_vec(&self.to_response(Kind::Tick)).unwrap_or_default())
+        })
     }
 
     /// This tick as a message of the given kind (snapshots, quotes).
@@ -70,5 +81,6 @@ pub(super) fn encode_tick(
         ltp,
         event_time_unix_nanos,
         framed: grpc_framed(&msg),
+        json: OnceLock::new(),
     }
 }

@@ -193,6 +193,28 @@ pub struct Config {
     #[arg(long, env = "TICKERD_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 
+    /// Address of the web listener, for browsers: the WebSocket stream (/v1/stream),
+    /// gRPC-Web (GetQuotes, Subscribe) and the live board page (/). HTTP/1.1 and
+    /// HTTP/2, with the same TLS certificates as the gRPC port. Off unless given.
+    #[arg(long, env = "TICKERD_WEB_LISTEN")]
+    pub web_listen: Option<SocketAddr>,
+
+    /// An origin (e.g. `https://desk.example.com`) whose pages may open WebSockets and
+    /// call gRPC-Web here, besides the board's own origin. Repeatable (comma-separated
+    /// in the variable).
+    #[arg(
+        long = "web-allowed-origin",
+        env = "TICKERD_WEB_ALLOWED_ORIGIN",
+        value_delimiter = ','
+    )]
+    pub web_allowed_origins: Vec<String>,
+
+    /// With auth on, how long a WebSocket may take to send its first message, which
+    /// must carry `token`; it is closed (4016) otherwise.
+    #[arg(long, env = "TICKERD_WEB_AUTH_TIMEOUT", default_value = "5s",
+          value_parser = humantime::parse_duration)]
+    pub web_auth_timeout: Duration,
+
     /// Also export per-symbol series (ticks and subscribers per symbol). Off by
     /// default: one series per symbol can be many.
     #[arg(long, env = "TICKERD_METRICS_PER_SYMBOL")]
@@ -301,15 +323,16 @@ impl Config {
     /// Refuses a plaintext, unauthenticated server on a non-loopback `listen` address
     /// unless --insecure says the risk is accepted.
     pub fn check_exposure(&self) -> Result<(), String> {
-        let exposed = !self.listen.ip().is_loopback();
-        if exposed && self.tls().is_none() && self.jwt().is_none() && !self.insecure {
-            return Err(format!(
-                "refusing to listen on {} without TLS and without authentication: anyone who \
-                 can reach it could read every symbol and publish prices. Give --tls-cert and \
-                 --tls-key, or --jwt-secret-file / --jwt-public-key, or --insecure to accept \
-                 the risk (or listen on 127.0.0.1)",
-                self.listen
-            ));
+        let open = self.tls().is_none() && self.jwt().is_none() && !self.insecure;
+        for addr in std::iter::once(self.listen).chain(self.web_listen) {
+            if open && !addr.ip().is_loopback() {
+                return Err(format!(
+                    "refusing to listen on {addr} without TLS and without authentication: \
+                     anyone who can reach it could read every symbol and publish prices. Give \
+                     --tls-cert and --tls-key, or --jwt-secret-file / --jwt-public-key, or \
+                     --insecure to accept the risk (or listen on 127.0.0.1)"
+                ));
+            }
         }
         Ok(())
     }
@@ -342,6 +365,8 @@ mod tests {
             msg.contains("without TLS and without authentication"),
             "{msg}"
         );
+        let web = parse(&["--web-listen", "0.0.0.0:8080"]).check_exposure();
+        assert!(web.unwrap_err().contains("0.0.0.0:8080"));
         assert!(parse(&["--listen", "0.0.0.0:1", "--insecure"])
             .check_exposure()
             .is_ok());

@@ -33,6 +33,7 @@ use crate::{
         incoming::{Incoming, IncomingOptions},
         shards::{ShardError, Shards},
         tls::{Tls, TlsError},
+        web::{self, WebOptions},
     },
 };
 
@@ -75,6 +76,7 @@ pub struct Server {
     feed: Option<Feed>,
     shutdown: Shutdown,
     metrics_listener: Option<TcpListener>,
+    web_listener: Option<TcpListener>,
     tls: Option<Tls>,
     /// With `--cluster`: the bus, and the hub's interest for it.
     cluster: Option<(Cluster, Arc<Interest>)>,
@@ -212,6 +214,7 @@ impl Server {
             feed,
             shutdown,
             metrics_listener,
+            web_listener: None,
             tls,
             cluster: None,
         })
@@ -225,6 +228,12 @@ impl Server {
     /// Serves /metrics, /healthz and /streams on `listener` too (`--metrics-listen`).
     pub fn metrics_listener(mut self, listener: TcpListener) -> Server {
         self.metrics_listener = Some(listener);
+        self
+    }
+
+    /// Serves browsers on `listener` too (`--web-listen`): WebSocket, gRPC-Web, board.
+    pub fn web_listener(mut self, listener: TcpListener) -> Server {
+        self.web_listener = Some(listener);
         self
     }
 
@@ -260,6 +269,7 @@ impl Server {
             feed,
             shutdown,
             metrics_listener,
+            web_listener,
             tls,
             cluster,
         } = self;
@@ -322,6 +332,27 @@ impl Server {
             tls: tls.map(|tls| (tls, config.tls_handshake_timeout)),
         };
         let stop_accepting = CancellationToken::new();
+        if let Some(listener) = web_listener {
+            let web_incoming = IncomingOptions {
+                tcp_keepalive: config.tcp_keepalive,
+                tls: options
+                    .tls
+                    .as_ref()
+                    .map(|(tls, bound)| (tls.for_web(), *bound)),
+            };
+            let router = web::router(
+                service.clone(),
+                WebOptions {
+                    allowed_origins: config.web_allowed_origins.clone(),
+                    auth_timeout: config.web_auth_timeout,
+                    tls: options.tls.is_some(),
+                    max_decoding_message_size: config.max_decoding_message_size,
+                    max_encoding_message_size: config.max_encoding_message_size,
+                },
+            );
+            let incoming = Incoming::new(listener, web_incoming, metrics.clone());
+            tokio::spawn(web::serve(incoming, router, stop_accepting.clone()));
+        }
         let mut builder = tonic::transport::Server::builder();
         if let Some(age) = config.max_connection_age {
             let jitter = config.max_connection_age_jitter.clamp(0.0, 0.9);

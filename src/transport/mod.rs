@@ -6,9 +6,11 @@
 //! - `incoming`: accepted connections (TCP options, bounded TLS handshakes, the peer's
 //!   identity, the connection count); `tls` the certificates behind them, reloadable;
 //!   `shards` the extra `--io-threads`; `devcerts` development certificates.
+//! - `web`: the browsers' listener: WebSocket sessions, gRPC-Web, the board page.
 
 pub mod devcerts;
 pub mod grpc;
 pub mod incoming;
 pub mod shards;
 pub mod tls;
+pub mod web;

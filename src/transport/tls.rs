@@ -61,6 +61,9 @@ impl Served {
 pub struct Tls {
     files: Arc<TlsFiles>,
     current: Arc<RwLock<Arc<ServerConfig>>>,
+    /// Offer `http/1.1` besides `h2` (the web listener: browsers open WebSockets over
+    /// HTTP/1.1).
+    web: bool,
 }
 
 impl Tls {
@@ -70,6 +73,7 @@ impl Tls {
         let tls = Tls {
             files: Arc::new(files),
             current: Arc::new(RwLock::new(config)),
+            web: false,
         };
         Ok((tls, served))
     }
@@ -90,7 +94,20 @@ impl Tls {
             Ok(current) => Arc::clone(&current),
             Err(poisoned) => Arc::clone(&poisoned.into_inner()),
         };
+        if self.web {
+            let mut config = (*config).clone();
+            config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            return TlsAcceptor::from(Arc::new(config));
+        }
         TlsAcceptor::from(config)
+    }
+
+    /// The same certificates (reloads included), offering HTTP/1.1 too.
+    pub fn for_web(&self) -> Tls {
+        Tls {
+            web: true,
+            ..self.clone()
+        }
     }
 
     pub fn mutual(&self) -> bool {

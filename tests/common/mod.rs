@@ -3,9 +3,11 @@
 //! for messages with a deadline so a broken server fails a test instead of hanging it.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod h2raw;
 pub mod nats;
 mod process;
+pub mod web;
 
 #[allow(unused_imports)]
 pub use process::{TickerCli, TickerdProcess};
@@ -37,6 +39,8 @@ pub struct TestServer {
     pub scheme: &'static str,
     /// The operations endpoint (/metrics, /healthz, /streams).
     pub metrics_addr: SocketAddr,
+    /// The web listener (WebSocket, gRPC-Web, board).
+    pub web_addr: SocketAddr,
     pub hub: Hub,
     pub service: TickerService,
     /// The cluster's bus, for servers started with `--cluster`.
@@ -87,7 +91,9 @@ impl TestServer {
             .await
             .expect("bind metrics");
         let metrics_addr = metrics.local_addr().expect("metrics addr");
-        let server = server.metrics_listener(metrics);
+        let web = TcpListener::bind("127.0.0.1:0").await.expect("bind web");
+        let web_addr = web.local_addr().expect("web addr");
+        let server = server.metrics_listener(metrics).web_listener(web);
         let (hub, service) = (server.hub().clone(), server.service().clone());
         let cluster = server.cluster().cloned();
         let tls_reloader = server.tls_reloader();
@@ -99,6 +105,7 @@ impl TestServer {
             addr,
             scheme: "http",
             metrics_addr,
+            web_addr,
             hub,
             service,
             cluster,

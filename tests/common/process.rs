@@ -17,6 +17,8 @@ pub struct TickerdProcess {
     pub addr: SocketAddr,
     /// The operations endpoint, when started with `--metrics-listen`.
     pub metrics_addr: Option<SocketAddr>,
+    /// The web listener, when started with `--web-listen`.
+    pub web_addr: Option<SocketAddr>,
     pub log: mpsc::UnboundedReceiver<String>,
 }
 
@@ -42,15 +44,21 @@ impl TickerdProcess {
                 let _ = tx.send(line);
             }
         });
-        let mut metrics_addr = None;
+        let (mut metrics_addr, mut web_addr) = (None, None);
         let addr = loop {
             let line = within(log.recv())
                 .await
                 .expect("tickerd exited before listening");
-            if line.contains("metrics endpoint listening") {
+            let addr_of = |line: &str| {
                 let start = line.find("\"addr\":\"").expect("addr field") + 8;
                 let rest = &line[start..];
-                metrics_addr = rest[..rest.find('"').expect("addr end")].parse().ok();
+                rest[..rest.find('"').expect("addr end")].parse().ok()
+            };
+            if line.contains("metrics endpoint listening") {
+                metrics_addr = addr_of(&line);
+            }
+            if line.contains("web listening") {
+                web_addr = addr_of(&line);
             }
             if line.contains("tickerd listening") {
                 let start = line.find("\"addr\":\"").expect("addr field") + 8;
@@ -64,6 +72,7 @@ impl TickerdProcess {
             child,
             addr,
             metrics_addr,
+            web_addr,
             log,
         }
     }

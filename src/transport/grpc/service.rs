@@ -52,7 +52,7 @@ pub struct TickerService {
 
 /// What every caller is told when its credentials are refused; the reason goes to the
 /// log and `tickerd_auth_failures_total`, never to a prober.
-const UNAUTHENTICATED: &str = "missing or invalid credentials";
+pub const UNAUTHENTICATED: &str = "missing or invalid credentials";
 
 impl TickerService {
     /// `shutdown` ends every open stream with UNAVAILABLE when cancelled.
@@ -137,6 +137,15 @@ impl TickerService {
         request: &Request<T>,
         principal: &Principal,
     ) -> Result<StreamTicket, Status> {
+        self.admit_peer(rpc, peer_addr(request), principal)
+    }
+
+    fn admit_peer(
+        &self,
+        rpc: &'static str,
+        peer: String,
+        principal: &Principal,
+    ) -> Result<StreamTicket, Status> {
         if self.shutdown.is_triggered() {
             return Err(Status::unavailable("server shutting down"));
         }
@@ -146,10 +155,32 @@ impl TickerService {
                 self.limits.max_streams
             ))
         })?;
-        let peer = peer_addr(request);
         Ok(self
             .metrics
             .ticket(rpc, peer, principal.name.clone(), permit))
+    }
+
+    /// A TickerStream session for a transport that authenticated its caller itself
+    /// (WebSocket): admitted under the same stream cap, listed under `rpc`.
+    pub fn open_session(
+        &self,
+        rpc: &'static str,
+        peer: String,
+        principal: Principal,
+        requests: Requests,
+    ) -> Result<Session, Status> {
+        let ticket = self.admit_peer(rpc, peer, &principal)?;
+        Ok(self.session(ticket, Some(requests), principal))
+    }
+
+    pub fn authenticator(&self) -> &Authenticator {
+        &self.auth
+    }
+
+    /// Counts and logs refused credentials; what the caller is told is `UNAUTHENTICATED`.
+    pub fn refused(&self, peer: &str, e: &crate::auth::AuthError) {
+        self.metrics.auth_failure(e.reason());
+        tracing::warn!(%peer, reason = e.reason(), error = %e, "credentials refused");
     }
 
     fn session(

@@ -1,0 +1,476 @@
+//! WebSocket sessions (`/v1/stream`): one socket is one TickerStream session, driven by
+//! the same `Session` as a gRPC stream. Requests arrive as frames (proto3 JSON text,
+//! or protobuf binary under the `ticker.v1+proto` subprotocol), replies leave the same
+//! way, one message per frame, every ready message written before one flush. Above it
+//! the web listener (`web`), below it the session and the hub.
+//!
+//! Backpressure is the session's: the socket's writer polls it only when the last
+//! burst is written, so a browser that stops reading backs up into its own rings
+//! (KIND_LAGGED with exact counts later, or for STRICT the close below). A socket whose
+//! writes make no progress, or that stays silent (no pong, no frame), for
+//! `SILENCE_LIMIT` is dropped.
+
+use std::{
+    future::poll_fn,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    task::Poll,
+    time::Duration,
+};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use bytes::Bytes;
+use futures_util::{
+    stream::{SplitSink, SplitStream},
+    SinkExt as _, StreamExt as _,
+};
+use prost::Message as _;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+
+use crate::{
+    auth::PeerInfo,
+    clock,
+    pb::{ticker_response::Kind, TickerRequest, TickerResponse},
+    session::{Outbound, Requests, Session},
+    transport::grpc::{service::UNAUTHENTICATED, TickerService},
+    wire::GRPC_PREFIX,
+};
+
+/// The subprotocol of protobuf binary frames; without it frames are proto3 JSON text.
+pub const PROTO_SUBPROTOCOL: &str = "ticker.v1+proto";
+
+/// Largest request frame accepted, in bytes; a larger one closes with `TOO_BIG`.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// A ping goes out this often; a socket silent (no pong, no frame) or unable to write
+/// for `SILENCE_LIMIT` is dropped.
+pub const PING_EVERY: Duration = Duration::from_secs(15);
+pub const SILENCE_LIMIT: Duration = Duration::from_secs(45);
+
+/// Requests read ahead of the session; past it the socket is not read (backpressure).
+const REQUEST_QUEUE: usize = 64;
+
+/// Most messages written before a flush; the rest wait for the next burst.
+const MAX_BURST: usize = 256;
+
+/// Close codes (RFC 6455 section 7.4; 4000-4999 are the application's).
+pub mod close {
+    /// The client closed, or the session ended normally.
+    pub const NORMAL: u16 = 1000;
+    /// The server is shutting down (the gRPC stream would end UNAVAILABLE).
+    pub const GOING_AWAY: u16 = 1001;
+    /// A binary frame on a JSON session, or text on a `ticker.v1+proto` one.
+    pub const UNSUPPORTED_DATA: u16 = 1003;
+    /// A frame that is not valid WebSocket (bad UTF-8, bad framing).
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    /// A request frame over `MAX_REQUEST_BYTES`.
+    pub const TOO_BIG: u16 = 1009;
+    /// The condition that ends a gRPC stream with status code `c` closes a WebSocket
+    /// with `4000 + c`, the status message as the reason: 4003 INVALID_ARGUMENT, 4008
+    /// RESOURCE_EXHAUSTED (a STRICT subscription fell behind; the server's stream
+    /// limit), 4016 UNAUTHENTICATED (no, a bad, or an expired token).
+    pub const fn of_status(code: tonic::Code) -> u16 {
+        4000 + code as u16
+    }
+}
+
+/// How the socket's messages are encoded, chosen by the subprotocol.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Encoding {
+    Json,
+    Proto,
+}
+
+/// What the reader tells the writer.
+enum Notice {
+    /// A malformed request: answered in-band with KIND_REJECTED.
+    Reject(String),
+    /// A frame the session cannot take: the socket closes.
+    Close(u16, String),
+}
+
+/// Serves one upgraded socket until it closes.
+pub async fn run(
+    socket: WebSocket,
+    encoding: Encoding,
+    service: TickerService,
+    peer: PeerInfo,
+    auth_timeout: Duration,
+) {
+    let peer_addr = peer
+        .addr
+        .map_or_else(|| "unknown".to_string(), |a| a.to_string());
+    let (mut sink, mut stream) = socket.split();
+    let heard = Arc::new(AtomicU64::new(now_millis()));
+    let auth = service.authenticator().clone();
+    let (principal, first) = if auth.requires_token() {
+        match first_token(&mut stream, encoding, auth_timeout, &heard).await {
+            Ok((token, first)) => match auth.verify(&token) {
+                Ok(principal) => (principal, first),
+                Err(e) => {
+                    service.refused(&peer_addr, &e);
+                    let code = close::of_status(tonic::Code::Unauthenticated);
+                    return close_with(&mut sink, code, UNAUTHENTICATED).await;
+                }
+            },
+            Err((code, reason)) => return close_with(&mut sink, code, &reason).await,
+        }
+    } else {
+        match auth.authenticate(&Default::default(), Some(&peer)) {
+            Ok(principal) => (principal, None),
+            Err(e) => {
+                service.refused(&peer_addr, &e);
+                let code = close::of_status(tonic::Code::Unauthenticated);
+                return close_with(&mut sink, code, UNAUTHENTICATED).await;
+            }
+        }
+    };
+    let (requests_tx, requests_rx) = mpsc::channel(REQUEST_QUEUE);
+    if let Some(first) = first {
+        let _ = requests_tx.send(Ok(first)).await;
+    }
+    let requests: Requests = Box::pin(ReceiverStream::new(requests_rx));
+    let session = match service.open_session("WebSocket", peer_addr, principal, requests) {
+        Ok(session) => session,
+        Err(status) => {
+            return close_with(&mut sink, close::of_status(status.code()), status.message()).await
+        }
+    };
+    let (notices_tx, notices) = mpsc::channel(16);
+    let reader = tokio::spawn(read(
+        stream,
+        encoding,
+        requests_tx,
+        notices_tx,
+        Arc::clone(&heard),
+    ));
+    write(sink, session, encoding, notices, heard).await;
+    reader.abort();
+}
+
+/// Waits for the first request, which must carry a token; returns it and the rest of
+/// that request (if it asks for more than authentication).
+async fn first_token(
+    stream: &mut SplitStream<WebSocket>,
+    encoding: Encoding,
+    deadline: Duration,
+    heard: &AtomicU64,
+) -> Result<(String, Option<TickerRequest>), (u16, String)> {
+    let unauthenticated = close::of_status(tonic::Code::Unauthenticated);
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        let frame = match tokio::time::timeout_at(until, stream.next()).await {
+            Err(_) => {
+                return Err((
+                    unauthenticated,
+                    format!("no token within {deadline:?}: the first message must carry `token`"),
+                ))
+            }
+            Ok(None) => return Err((close::NORMAL, String::new())),
+            Ok(Some(Err(e))) => return Err(frame_error(&e)),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        heard.store(now_millis(), Ordering::Relaxed);
+        match decode(frame, encoding) {
+            Decoded::Control => continue,
+            Decoded::Closed => return Err((close::NORMAL, String::new())),
+            Decoded::Close(code, reason) => return Err((code, reason)),
+            Decoded::Malformed(_) => {
+                return Err((
+                    unauthenticated,
+                    "the first message must carry `token`".into(),
+                ))
+            }
+            Decoded::Request(mut request) => {
+                if request.token.is_empty() {
+                    return Err((
+                        unauthenticated,
+                        "the first message must carry `token`".into(),
+                    ));
+                }
+                let token = std::mem::take(&mut request.token);
+                let rest = (!request.symbol.is_empty()).then_some(request);
+                return Ok((token, rest));
+            }
+        }
+    }
+}
+
+enum Decoded {
+    Request(TickerRequest),
+    Malformed(String),
+    /// Ping or pong: nothing for the session.
+    Control,
+    Closed,
+    Close(u16, String),
+}
+
+fn decode(frame: Message, encoding: Encoding) -> Decoded {
+    match (frame, encoding) {
+        (Message::Text(text), Encoding::Json) => {
+            match serde_json::from_str::<TickerRequest>(text.as_str()) {
+                Ok(request) => Decoded::Request(request),
+                Err(e) => Decoded::Malformed(format!("malformed request: {e}")),
+            }
+        }
+        (Message::Binary(bytes), Encoding::Proto) => match TickerRequest::decode(bytes) {
+            Ok(request) => Decoded::Request(request),
+            Err(e) => Decoded::Malformed(format!("malformed request: {e}")),
+        },
+        (Message::Binary(_), Encoding::Json) => Decoded::Close(
+            close::UNSUPPORTED_DATA,
+            format!(
+                "binary frame on a JSON session (protobuf needs subprotocol {PROTO_SUBPROTOCOL})"
+            ),
+        ),
+        (Message::Text(_), Encoding::Proto) => Decoded::Close(
+            close::UNSUPPORTED_DATA,
+            format!("text frame on a {PROTO_SUBPROTOCOL} session"),
+        ),
+        (Message::Ping(_) | Message::Pong(_), _) => Decoded::Control,
+        (Message::Close(_), _) => Decoded::Closed,
+    }
+}
+
+/// The close code and reason for a socket error (oversize and invalid frames).
+fn frame_error(e: &axum::Error) -> (u16, String) {
+    let text = e.to_string();
+    let code = if text.contains("Space limit exceeded") || text.contains("too long") {
+        close::TOO_BIG
+    } else {
+        close::INVALID_PAYLOAD
+    };
+    let reason = if code == close::TOO_BIG {
+        format!("request frame over {MAX_REQUEST_BYTES} bytes")
+    } else {
+        text
+    };
+    (code, reason)
+}
+
+/// Reads requests into the session until the socket closes; tells the writer about
+/// malformed frames and frames that close the socket.
+async fn read(
+    mut stream: SplitStream<WebSocket>,
+    encoding: Encoding,
+    requests: mpsc::Sender<Result<TickerRequest, Status>>,
+    notices: mpsc::Sender<Notice>,
+    heard: Arc<AtomicU64>,
+) {
+    while let Some(frame) = stream.next().await {
+        heard.store(now_millis(), Ordering::Relaxed);
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(e) => {
+                let (code, reason) = frame_error(&e);
+                let _ = notices.send(Notice::Close(code, reason)).await;
+                return;
+            }
+        };
+        match decode(frame, encoding) {
+            Decoded::Request(request) => {
+                if requests.send(Ok(request)).await.is_err() {
+                    return;
+                }
+            }
+            Decoded::Malformed(detail) => {
+                if notices.send(Notice::Reject(detail)).await.is_err() {
+                    return;
+                }
+            }
+            Decoded::Control => {}
+            Decoded::Closed => break,
+            Decoded::Close(code, reason) => {
+                let _ = notices.send(Notice::Close(code, reason)).await;
+                return;
+            }
+        }
+    }
+    // The client is gone: a normal end, not a half-close (a WebSocket has none).
+    let _ = notices
+        .send(Notice::Close(close::NORMAL, String::new()))
+        .await;
+}
+
+/// What one poll of the session gave.
+enum Burst {
+    Messages(Vec<Outbound>, Option<Result<(), Status>>),
+}
+
+/// Writes the session's messages until it ends, the client goes, or the socket stalls.
+async fn write(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut session: Session,
+    encoding: Encoding,
+    mut notices: mpsc::Receiver<Notice>,
+    heard: Arc<AtomicU64>,
+) {
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
+    loop {
+        let burst = tokio::select! {
+            biased;
+            notice = notices.recv() => match notice {
+                Some(Notice::Reject(detail)) => {
+                    let reply = Outbound::message(TickerResponse {
+                        kind: Kind::Rejected as i32,
+                        detail,
+                        ..Default::default()
+                    });
+                    Burst::Messages(vec![reply], None)
+                }
+                Some(Notice::Close(code, reason)) => {
+                    return close_with(&mut sink, code, &reason).await;
+                }
+                None => return,
+            },
+            burst = poll_fn(|cx| {
+                let mut out = Vec::new();
+                loop {
+                    match session.poll_next_unpin(cx) {
+                        Poll::Ready(Some(Ok(msg))) => {
+                            out.push(msg);
+                            if out.len() == MAX_BURST {
+                                return Poll::Ready(Burst::Messages(out, None));
+                            }
+                        }
+                        Poll::Ready(Some(Err(status))) => {
+                            return Poll::Ready(Burst::Messages(out, Some(Err(status))))
+                        }
+                        Poll::Ready(None) => return Poll::Ready(Burst::Messages(out, Some(Ok(())))),
+                        Poll::Pending if out.is_empty() => return Poll::Pending,
+                        Poll::Pending => return Poll::Ready(Burst::Messages(out, None)),
+                    }
+                }
+            }) => burst,
+            _ = ping.tick() => {
+                let silent = now_millis().saturating_sub(heard.load(Ordering::Relaxed));
+                if silent > SILENCE_LIMIT.as_millis() as u64 {
+                    tracing::debug!("WebSocket silent past its limit; dropped");
+                    return;
+                }
+                if !send_within(&mut sink, Message::Ping(Bytes::new())).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        let Burst::Messages(messages, end) = burst;
+        for out in messages {
+            if !feed_within(&mut sink, frame_of(&out, encoding)).await {
+                return;
+            }
+        }
+        if !flush_within(&mut sink).await {
+            return;
+        }
+        match end {
+            None => {}
+            Some(Ok(())) => return close_with(&mut sink, close::NORMAL, "").await,
+            Some(Err(status)) => {
+                let code = match status.code() {
+                    tonic::Code::Unavailable => close::GOING_AWAY,
+                    code => close::of_status(code),
+                };
+                return close_with(&mut sink, code, status.message()).await;
+            }
+        }
+    }
+}
+
+/// One outbound message as a frame. Ticks reuse the bytes the hub encoded once.
+fn frame_of(out: &Outbound, encoding: Encoding) -> Message {
+    match (out, encoding) {
+        (Outbound::Tick(tick), Encoding::Proto) => {
+            Message::Binary(tick.framed.slice(GRPC_PREFIX..))
+        }
+        (Outbound::Tick(tick), Encoding::Json) => match Utf8Bytes::try_from(tick.json().clone()) {
+            Ok(text) => Message::Text(text),
+            // serde_json writes UTF-8; this arm only keeps the type checker honest.
+            Err(_) => Message::Text(Utf8Bytes::from(String::new())),
+        },
+        (Outbound::Message(m), Encoding::Proto) => Message::Binary(Bytes::from(m.encode_to_vec())),
+        (Outbound::Message(m), Encoding::Json) => Message::Text(Utf8Bytes::from(
+            serde_json::to_string(&**m).unwrap_or_default(),
+        )),
+    }
+}
+
+async fn feed_within(sink: &mut SplitSink<WebSocket, Message>, frame: Message) -> bool {
+    matches!(
+        tokio::time::timeout(SILENCE_LIMIT, sink.feed(frame)).await,
+        Ok(Ok(()))
+    )
+}
+
+async fn flush_within(sink: &mut SplitSink<WebSocket, Message>) -> bool {
+    matches!(
+        tokio::time::timeout(SILENCE_LIMIT, sink.flush()).await,
+        Ok(Ok(()))
+    )
+}
+
+async fn send_within(sink: &mut SplitSink<WebSocket, Message>, frame: Message) -> bool {
+    feed_within(sink, frame).await && flush_within(sink).await
+}
+
+/// Sends a close frame (reasons are cut to the 123 bytes a close frame holds).
+async fn close_with(sink: &mut SplitSink<WebSocket, Message>, code: u16, reason: &str) {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let frame = Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from(&reason[..end]),
+    }));
+    let _ = send_within(sink, frame).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+}
+
+fn now_millis() -> u64 {
+    (clock::now_unix_nanos() / 1_000_000) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_codes_follow_the_grpc_status() {
+        assert_eq!(close::of_status(tonic::Code::Unauthenticated), 4016);
+        assert_eq!(close::of_status(tonic::Code::ResourceExhausted), 4008);
+        assert_eq!(close::of_status(tonic::Code::InvalidArgument), 4003);
+    }
+
+    #[test]
+    fn frames_decode_by_the_session_encoding() {
+        let json = Message::Text(
+            r#"{"symbol":"AAPL","action":"ACTION_SUBSCRIBE","resumeFromSeq":"7"}"#.into(),
+        );
+        match decode(json, Encoding::Json) {
+            Decoded::Request(r) => {
+                assert_eq!((r.symbol.as_str(), r.resume_from_seq), ("AAPL", 7));
+            }
+            _ => panic!("a good JSON request"),
+        }
+        let bad = Message::Text(r#"{"symbol":"AAPL","bogus":1}"#.into());
+        assert!(
+            matches!(decode(bad, Encoding::Json), Decoded::Malformed(d) if d.contains("bogus"))
+        );
+        let policy = Message::Text(r#"{"symbol":"A","policy":"DELIVERY_POLICY_NOPE"}"#.into());
+        assert!(matches!(
+            decode(policy, Encoding::Json),
+            Decoded::Malformed(_)
+        ));
+        let binary = Message::Binary(TickerRequest::subscribe("X").encode_to_vec().into());
+        assert!(matches!(
+            decode(binary.clone(), Encoding::Json),
+            Decoded::Close(close::UNSUPPORTED_DATA, _)
+        ));
+        assert!(matches!(decode(binary, Encoding::Proto), Decoded::Request(r) if r.symbol == "X"));
+    }
+}

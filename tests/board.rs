@@ -1,0 +1,126 @@
+//! The board page in a real browser: headless Chromium (WebDriver) against the real
+//! `tickerd` binary. It loads, shows live ticks whose seq increases, removes and adds
+//! symbols (the address follows), survives a server restart by resuming, and says
+//! that ticks were missed when the restarted server's history cannot cover the outage.
+//! A screenshot lands in `target/board.png` (the README's comes from it).
+
+mod common;
+
+use common::{browser::Browser, TickerdProcess};
+use fantoccini::Locator;
+
+/// The seq the board shows for `symbol` (-1 without a row), as a JS expression.
+fn seq(symbol: &str) -> String {
+    format!(
+        "Number((document.querySelector('tr[data-symbol=\"{symbol}\"] .seq') \
+         || {{ textContent: '-1' }}).textContent)"
+    )
+}
+
+async fn seq_now(browser: &Browser, symbol: &str) -> i64 {
+    let value = browser.eval(&format!("return {};", seq(symbol))).await;
+    value.parse().expect("a number")
+}
+
+/// Waits until `symbol`'s seq passes what it shows now.
+async fn ticking(browser: &Browser, symbol: &str) {
+    let now = seq_now(browser, symbol).await.max(0);
+    browser
+        .until(
+            &format!("{symbol}'s seq past {now}"),
+            &format!("return {} > {now};", seq(symbol)),
+        )
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_board_shows_live_ticks_and_resumes_after_a_restart() {
+    let flags = ["--symbols", "100", "--rate", "2000"];
+    let mut args = vec!["--web-listen", "127.0.0.1:0"];
+    args.extend(flags);
+    let server = TickerdProcess::spawn(&args).await;
+    let web = server.web_addr.expect("web listener");
+    let browser = Browser::start().await;
+    let page = format!("http://{web}/?symbols=SYM01,SYM02,SYM03");
+    common::within(browser.client.goto(&page))
+        .await
+        .expect("page loads");
+
+    // Live ticks on every row, their seq increasing.
+    for symbol in ["SYM01", "SYM02", "SYM03"] {
+        ticking(&browser, symbol).await;
+        ticking(&browser, symbol).await;
+    }
+    browser
+        .until(
+            "the connection is live",
+            "return document.getElementById('state').dataset.state === 'live';",
+        )
+        .await;
+
+    // Remove one: its row goes, the address follows.
+    let remove = common::within(
+        browser
+            .client
+            .find(Locator::Css("tr[data-symbol=\"SYM03\"] button.remove")),
+    )
+    .await
+    .expect("remove button");
+    common::within(remove.click()).await.expect("click");
+    assert_eq!(seq_now(&browser, "SYM03").await, -1, "the row is gone");
+    let address = browser.eval("return location.search;").await;
+    assert_eq!(address, "?symbols=SYM01%2CSYM02");
+
+    // Add one by typing it.
+    let input = common::within(browser.client.find(Locator::Id("add-symbol")))
+        .await
+        .expect("input");
+    common::within(input.send_keys("sym04"))
+        .await
+        .expect("type");
+    let add = common::within(browser.client.find(Locator::Id("add")))
+        .await
+        .expect("add button");
+    common::within(add.click()).await.expect("click");
+    ticking(&browser, "SYM04").await;
+    // Let the sparklines fill a little before the picture.
+    for _ in 0..6 {
+        ticking(&browser, "SYM01").await;
+    }
+    let png = common::within(browser.client.screenshot())
+        .await
+        .expect("screenshot");
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("../board.png");
+    std::fs::write(&shot, png).expect("write the screenshot");
+
+    // Restart the server on the same web port: the board reconnects, resumes every
+    // symbol from its last seq, and, the new process having no history of the old one,
+    // says ticks were missed; the rows tick again.
+    drop(server);
+    browser
+        .until(
+            "the board notices the outage",
+            "return document.getElementById('state').dataset.state === 'reconnecting';",
+        )
+        .await;
+    let same_port = web.to_string();
+    let mut args = vec!["--web-listen", same_port.as_str()];
+    args.extend(flags);
+    let _server = TickerdProcess::spawn(&args).await;
+    browser
+        .until(
+            "a missed-ticks notice",
+            "return [...document.querySelectorAll('#notices li')]\
+             .some(li => li.textContent.includes('SYM01: ticks were missed'));",
+        )
+        .await;
+    browser
+        .until(
+            "live again",
+            "return document.getElementById('state').dataset.state === 'live';",
+        )
+        .await;
+    for symbol in ["SYM01", "SYM02", "SYM04"] {
+        ticking(&browser, symbol).await;
+    }
+}
