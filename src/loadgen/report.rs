@@ -31,8 +31,13 @@ pub struct OptionsEcho {
 impl From<&Options> for OptionsEcho {
     fn from(o: &Options) -> Self {
         OptionsEcho {
-            server: o.servers.join(","),
-            conns: o.conns,
+            server: match &o.web {
+                Some(web) if o.web_binary => format!("{web} (WebSocket, ticker.v1+proto)"),
+                Some(web) => format!("{web} (WebSocket, JSON)"),
+                None => o.servers.join(","),
+            },
+            // A WebSocket session is a connection of its own.
+            conns: if o.web.is_some() { o.streams } else { o.conns },
             streams: o.streams,
             subs_per_stream: o.subs_per_stream,
             symbols: o.symbols,
