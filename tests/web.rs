@@ -336,3 +336,39 @@ async fn bad_frames_get_an_in_band_rejection_or_a_clear_close() {
     let quotes = common::quotes(&mut client, &["OK"]).await;
     assert_eq!(quotes.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pings_keep_a_reading_socket_and_a_silent_one_is_dropped() {
+    let server = TestServer::with(|c| c.web_ping_interval = Duration::from_millis(100)).await;
+    let mut client = server.client().await;
+    publish(&mut client, ticks("P", 1)).await;
+    let mut reading = Ws::connect(server.web_addr).await;
+    reading.subscribe("P").await;
+    reading.expect(Kind::Subscribed, "P").await;
+    reading.expect(Kind::Snapshot, "P").await;
+    // A socket that never reads answers no ping.
+    let mut silent = Ws::connect(server.web_addr).await;
+    silent.subscribe("P").await;
+    common::eventually("both sessions open", || {
+        server.service.active_streams() == 2
+    })
+    .await;
+    // The reading one sees pings (its client answers them) and stays for ten intervals.
+    let (mut pings, until) = (0, tokio::time::Instant::now() + Duration::from_secs(1));
+    while let Ok(frame) =
+        tokio::time::timeout_at(until, futures_util::StreamExt::next(&mut reading.socket)).await
+    {
+        match frame {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Ping(_))) => pings += 1,
+            other => panic!("the reading socket got {other:?}"),
+        }
+    }
+    assert!(pings >= 5, "{pings} pings in ten intervals");
+    common::eventually("the silent socket dropped", || {
+        server.service.active_streams() == 1
+    })
+    .await;
+    publish(&mut client, ticks("P", 1)).await;
+    assert_eq!(reading.expect(Kind::Tick, "P").await.seq, 2);
+    drop(silent);
+}

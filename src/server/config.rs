@@ -215,6 +215,12 @@ pub struct Config {
           value_parser = humantime::parse_duration)]
     pub web_auth_timeout: Duration,
 
+    /// How often each WebSocket is pinged. One that stays silent (no pong, no frame),
+    /// or cannot take a write, for three intervals is dropped.
+    #[arg(long, env = "TICKERD_WEB_PING_INTERVAL", default_value = "15s",
+          value_parser = humantime::parse_duration)]
+    pub web_ping_interval: Duration,
+
     /// Also export per-symbol series (ticks and subscribers per symbol). Off by
     /// default: one series per symbol can be many.
     #[arg(long, env = "TICKERD_METRICS_PER_SYMBOL")]

@@ -345,6 +345,7 @@ impl Server {
                 WebOptions {
                     allowed_origins: config.web_allowed_origins.clone(),
                     auth_timeout: config.web_auth_timeout,
+                    ping_interval: config.web_ping_interval,
                     tls: options.tls.is_some(),
                     max_decoding_message_size: config.max_decoding_message_size,
                     max_encoding_message_size: config.max_encoding_message_size,

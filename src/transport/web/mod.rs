@@ -42,6 +42,8 @@ pub struct WebOptions {
     pub allowed_origins: Vec<String>,
     /// How long a WebSocket may take to send its token when auth is on.
     pub auth_timeout: Duration,
+    /// How often a WebSocket is pinged; three intervals of silence drop it.
+    pub ping_interval: Duration,
     /// Whether the listener speaks TLS (same-origin checks compare `https://`).
     pub tls: bool,
     pub max_decoding_message_size: usize,
@@ -130,8 +132,11 @@ async fn stream(
         Some(_) => ws::Encoding::Proto,
         None => ws::Encoding::Json,
     };
-    let timeout = web.options.auth_timeout;
-    upgrade.on_upgrade(move |socket| ws::run(socket, encoding, web.service, peer, timeout))
+    let keeping = ws::Keeping {
+        auth_timeout: web.options.auth_timeout,
+        ping_every: web.options.ping_interval,
+    };
+    upgrade.on_upgrade(move |socket| ws::run(socket, encoding, web.service, peer, keeping))
 }
 
 /// A browser's Origin must be the page's own (scheme, Host) or an allowed one. Clients

@@ -6,9 +6,9 @@
 //!
 //! Backpressure is the session's: the socket's writer polls it only when the last
 //! burst is written, so a browser that stops reading backs up into its own rings
-//! (KIND_LAGGED with exact counts later, or for STRICT the close below). A socket whose
-//! writes make no progress, or that stays silent (no pong, no frame), for
-//! `SILENCE_LIMIT` is dropped.
+//! (KIND_LAGGED with exact counts later, or for STRICT the close below). A ping goes
+//! out every `--web-ping-interval`; a socket whose writes make no progress, or that stays
+//! silent (no pong, no frame), for three intervals is dropped.
 
 use std::{
     future::poll_fn,
@@ -46,10 +46,19 @@ pub const PROTO_SUBPROTOCOL: &str = "ticker.v1+proto";
 /// Largest request frame accepted, in bytes; a larger one closes with `TOO_BIG`.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
-/// A ping goes out this often; a socket silent (no pong, no frame) or unable to write
-/// for `SILENCE_LIMIT` is dropped.
-pub const PING_EVERY: Duration = Duration::from_secs(15);
-pub const SILENCE_LIMIT: Duration = Duration::from_secs(45);
+/// How a socket is kept: see `--web-auth-timeout` and `--web-ping-interval`.
+#[derive(Debug, Clone, Copy)]
+pub struct Keeping {
+    pub auth_timeout: Duration,
+    pub ping_every: Duration,
+}
+
+impl Keeping {
+    /// Silent (no pong, no frame) or unable to write for this long, a socket is dropped.
+    fn silence_limit(&self) -> Duration {
+        self.ping_every * 3
+    }
+}
 
 /// Requests read ahead of the session; past it the socket is not read (backpressure).
 const REQUEST_QUEUE: usize = 64;
@@ -99,25 +108,29 @@ pub async fn run(
     encoding: Encoding,
     service: TickerService,
     peer: PeerInfo,
-    auth_timeout: Duration,
+    keeping: Keeping,
 ) {
     let peer_addr = peer
         .addr
         .map_or_else(|| "unknown".to_string(), |a| a.to_string());
-    let (mut sink, mut stream) = socket.split();
+    let (sink, mut stream) = socket.split();
+    let mut writer = Writer {
+        sink,
+        limit: keeping.silence_limit(),
+    };
     let heard = Arc::new(AtomicU64::new(now_millis()));
     let auth = service.authenticator().clone();
     let (principal, first) = if auth.requires_token() {
-        match first_token(&mut stream, encoding, auth_timeout, &heard).await {
+        match first_token(&mut stream, encoding, keeping.auth_timeout, &heard).await {
             Ok((token, first)) => match auth.verify(&token) {
                 Ok(principal) => (principal, first),
                 Err(e) => {
                     service.refused(&peer_addr, &e);
                     let code = close::of_status(tonic::Code::Unauthenticated);
-                    return close_with(&mut sink, code, UNAUTHENTICATED).await;
+                    return writer.close(code, UNAUTHENTICATED).await;
                 }
             },
-            Err((code, reason)) => return close_with(&mut sink, code, &reason).await,
+            Err((code, reason)) => return writer.close(code, &reason).await,
         }
     } else {
         match auth.authenticate(&Default::default(), Some(&peer)) {
@@ -125,7 +138,7 @@ pub async fn run(
             Err(e) => {
                 service.refused(&peer_addr, &e);
                 let code = close::of_status(tonic::Code::Unauthenticated);
-                return close_with(&mut sink, code, UNAUTHENTICATED).await;
+                return writer.close(code, UNAUTHENTICATED).await;
             }
         }
     };
@@ -137,7 +150,9 @@ pub async fn run(
     let session = match service.open_session("WebSocket", peer_addr, principal, requests) {
         Ok(session) => session,
         Err(status) => {
-            return close_with(&mut sink, close::of_status(status.code()), status.message()).await
+            return writer
+                .close(close::of_status(status.code()), status.message())
+                .await
         }
     };
     let (notices_tx, notices) = mpsc::channel(16);
@@ -148,7 +163,9 @@ pub async fn run(
         notices_tx,
         Arc::clone(&heard),
     ));
-    write(sink, session, encoding, notices, heard).await;
+    writer
+        .write(session, encoding, notices, heard, keeping.ping_every)
+        .await;
     reader.abort();
 }
 
@@ -211,12 +228,10 @@ enum Decoded {
 
 fn decode(frame: Message, encoding: Encoding) -> Decoded {
     match (frame, encoding) {
-        (Message::Text(text), Encoding::Json) => {
-            match serde_json::from_str::<TickerRequest>(text.as_str()) {
-                Ok(request) => Decoded::Request(request),
-                Err(e) => Decoded::Malformed(format!("malformed request: {e}")),
-            }
-        }
+        (Message::Text(text), Encoding::Json) => match parse_json(text.as_str()) {
+            Ok(request) => Decoded::Request(request),
+            Err(detail) => Decoded::Malformed(detail),
+        },
         (Message::Binary(bytes), Encoding::Proto) => match TickerRequest::decode(bytes) {
             Ok(request) => Decoded::Request(request),
             Err(e) => Decoded::Malformed(format!("malformed request: {e}")),
@@ -234,6 +249,12 @@ fn decode(frame: Message, encoding: Encoding) -> Decoded {
         (Message::Ping(_) | Message::Pong(_), _) => Decoded::Control,
         (Message::Close(_), _) => Decoded::Closed,
     }
+}
+
+/// A JSON text frame as a request (the proto3 JSON mapping; unknown fields and enum
+/// names refused), or the KIND_REJECTED detail saying why not.
+pub fn parse_json(text: &str) -> Result<TickerRequest, String> {
+    serde_json::from_str::<TickerRequest>(text).map_err(|e| format!("malformed request: {e}"))
 }
 
 /// The close code and reason for a socket error (oversize and invalid frames).
@@ -302,82 +323,124 @@ enum Burst {
 }
 
 /// Writes the session's messages until it ends, the client goes, or the socket stalls.
-async fn write(
-    mut sink: SplitSink<WebSocket, Message>,
-    mut session: Session,
-    encoding: Encoding,
-    mut notices: mpsc::Receiver<Notice>,
-    heard: Arc<AtomicU64>,
-) {
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
-    loop {
-        let burst = tokio::select! {
-            biased;
-            notice = notices.recv() => match notice {
-                Some(Notice::Reject(detail)) => {
-                    let reply = Outbound::message(TickerResponse {
-                        kind: Kind::Rejected as i32,
-                        detail,
-                        ..Default::default()
-                    });
-                    Burst::Messages(vec![reply], None)
-                }
-                Some(Notice::Close(code, reason)) => {
-                    return close_with(&mut sink, code, &reason).await;
-                }
-                None => return,
-            },
-            burst = poll_fn(|cx| {
-                let mut out = Vec::new();
-                loop {
-                    match session.poll_next_unpin(cx) {
-                        Poll::Ready(Some(Ok(msg))) => {
-                            out.push(msg);
-                            if out.len() == MAX_BURST {
-                                return Poll::Ready(Burst::Messages(out, None));
-                            }
-                        }
-                        Poll::Ready(Some(Err(status))) => {
-                            return Poll::Ready(Burst::Messages(out, Some(Err(status))))
-                        }
-                        Poll::Ready(None) => return Poll::Ready(Burst::Messages(out, Some(Ok(())))),
-                        Poll::Pending if out.is_empty() => return Poll::Pending,
-                        Poll::Pending => return Poll::Ready(Burst::Messages(out, None)),
+struct Writer {
+    sink: SplitSink<WebSocket, Message>,
+    /// A write that makes no progress for this long drops the socket.
+    limit: Duration,
+}
+
+impl Writer {
+    async fn write(
+        &mut self,
+        mut session: Session,
+        encoding: Encoding,
+        mut notices: mpsc::Receiver<Notice>,
+        heard: Arc<AtomicU64>,
+        ping_every: Duration,
+    ) {
+        let mut ping =
+            tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+        loop {
+            let burst = tokio::select! {
+                biased;
+                notice = notices.recv() => match notice {
+                    Some(Notice::Reject(detail)) => {
+                        let reply = Outbound::message(TickerResponse {
+                            kind: Kind::Rejected as i32,
+                            detail,
+                            ..Default::default()
+                        });
+                        Burst::Messages(vec![reply], None)
                     }
+                    Some(Notice::Close(code, reason)) => {
+                        return self.close(code, &reason).await;
+                    }
+                    None => return,
+                },
+                burst = poll_fn(|cx| {
+                    let mut out = Vec::new();
+                    loop {
+                        match session.poll_next_unpin(cx) {
+                            Poll::Ready(Some(Ok(msg))) => {
+                                out.push(msg);
+                                if out.len() == MAX_BURST {
+                                    return Poll::Ready(Burst::Messages(out, None));
+                                }
+                            }
+                            Poll::Ready(Some(Err(status))) => {
+                                return Poll::Ready(Burst::Messages(out, Some(Err(status))))
+                            }
+                            Poll::Ready(None) => return Poll::Ready(Burst::Messages(out, Some(Ok(())))),
+                            Poll::Pending if out.is_empty() => return Poll::Pending,
+                            Poll::Pending => return Poll::Ready(Burst::Messages(out, None)),
+                        }
+                    }
+                }) => burst,
+                _ = ping.tick() => {
+                    let silent = now_millis().saturating_sub(heard.load(Ordering::Relaxed));
+                    if silent > self.limit.as_millis() as u64 {
+                        tracing::debug!("WebSocket silent past its limit; dropped");
+                        return;
+                    }
+                    if !self.send(Message::Ping(Bytes::new())).await {
+                        return;
+                    }
+                    continue;
                 }
-            }) => burst,
-            _ = ping.tick() => {
-                let silent = now_millis().saturating_sub(heard.load(Ordering::Relaxed));
-                if silent > SILENCE_LIMIT.as_millis() as u64 {
-                    tracing::debug!("WebSocket silent past its limit; dropped");
+            };
+            let Burst::Messages(messages, end) = burst;
+            for out in messages {
+                if !self.feed(frame_of(&out, encoding)).await {
                     return;
                 }
-                if !send_within(&mut sink, Message::Ping(Bytes::new())).await {
-                    return;
-                }
-                continue;
             }
-        };
-        let Burst::Messages(messages, end) = burst;
-        for out in messages {
-            if !feed_within(&mut sink, frame_of(&out, encoding)).await {
+            if !self.flush().await {
                 return;
             }
-        }
-        if !flush_within(&mut sink).await {
-            return;
-        }
-        match end {
-            None => {}
-            Some(Ok(())) => return close_with(&mut sink, close::NORMAL, "").await,
-            Some(Err(status)) => {
-                let code = match status.code() {
-                    tonic::Code::Unavailable => close::GOING_AWAY,
-                    code => close::of_status(code),
-                };
-                return close_with(&mut sink, code, status.message()).await;
+            match end {
+                None => {}
+                Some(Ok(())) => return self.close(close::NORMAL, "").await,
+                Some(Err(status)) => {
+                    let code = match status.code() {
+                        tonic::Code::Unavailable => close::GOING_AWAY,
+                        code => close::of_status(code),
+                    };
+                    return self.close(code, status.message()).await;
+                }
             }
         }
+    }
+
+    async fn feed(&mut self, frame: Message) -> bool {
+        matches!(
+            tokio::time::timeout(self.limit, self.sink.feed(frame)).await,
+            Ok(Ok(()))
+        )
+    }
+
+    async fn flush(&mut self) -> bool {
+        matches!(
+            tokio::time::timeout(self.limit, self.sink.flush()).await,
+            Ok(Ok(()))
+        )
+    }
+
+    async fn send(&mut self, frame: Message) -> bool {
+        self.feed(frame).await && self.flush().await
+    }
+
+    /// Sends a close frame (reasons are cut to the 123 bytes a close frame holds).
+    async fn close(&mut self, code: u16, reason: &str) {
+        let mut end = reason.len().min(123);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        let frame = Message::Close(Some(CloseFrame {
+            code,
+            reason: Utf8Bytes::from(&reason[..end]),
+        }));
+        let _ = self.send(frame).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.sink.close()).await;
     }
 }
 
@@ -399,38 +462,6 @@ fn frame_of(out: &Outbound, encoding: Encoding) -> Message {
     }
 }
 
-async fn feed_within(sink: &mut SplitSink<WebSocket, Message>, frame: Message) -> bool {
-    matches!(
-        tokio::time::timeout(SILENCE_LIMIT, sink.feed(frame)).await,
-        Ok(Ok(()))
-    )
-}
-
-async fn flush_within(sink: &mut SplitSink<WebSocket, Message>) -> bool {
-    matches!(
-        tokio::time::timeout(SILENCE_LIMIT, sink.flush()).await,
-        Ok(Ok(()))
-    )
-}
-
-async fn send_within(sink: &mut SplitSink<WebSocket, Message>, frame: Message) -> bool {
-    feed_within(sink, frame).await && flush_within(sink).await
-}
-
-/// Sends a close frame (reasons are cut to the 123 bytes a close frame holds).
-async fn close_with(sink: &mut SplitSink<WebSocket, Message>, code: u16, reason: &str) {
-    let mut end = reason.len().min(123);
-    while !reason.is_char_boundary(end) {
-        end -= 1;
-    }
-    let frame = Message::Close(Some(CloseFrame {
-        code,
-        reason: Utf8Bytes::from(&reason[..end]),
-    }));
-    let _ = send_within(sink, frame).await;
-    let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
-}
-
 fn now_millis() -> u64 {
     (clock::now_unix_nanos() / 1_000_000) as u64
 }
@@ -444,6 +475,17 @@ mod tests {
         assert_eq!(close::of_status(tonic::Code::Unauthenticated), 4016);
         assert_eq!(close::of_status(tonic::Code::ResourceExhausted), 4008);
         assert_eq!(close::of_status(tonic::Code::InvalidArgument), 4003);
+    }
+
+    #[test]
+    fn a_long_decimal_parses_to_the_nearest_double_and_round_trips() {
+        // Found by fuzz/ws_json: without serde_json's float_roundtrip the parse was one
+        // ulp off, so the request changed on a round trip.
+        let digits = "3333333333333333333333333333333333333333333333333333333333333333333333335";
+        let request = parse_json(&format!(r#"{{"symbol":"A","maxRateHz":{digits}}}"#)).unwrap();
+        assert_eq!(request.max_rate_hz, digits.parse::<f64>().unwrap());
+        let again = parse_json(&serde_json::to_string(&request).unwrap()).unwrap();
+        assert_eq!(again, request);
     }
 
     #[test]
