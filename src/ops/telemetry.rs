@@ -40,6 +40,14 @@ pub fn init(format: LogFormat) -> Guard {
         LogFormat::Text => fmt.boxed(),
         LogFormat::Json => fmt.json().flatten_event(true).boxed(),
     };
+    // WebSocket frames carry tokens (a browser's first message): the WebSocket library's
+    // debug and trace lines print frame payloads, so they never reach the log, whatever
+    // RUST_LOG says.
+    let never_payloads = tracing_subscriber::filter::Targets::new()
+        .with_default(tracing::Level::TRACE)
+        .with_target("tungstenite", tracing::Level::INFO)
+        .with_target("tokio_tungstenite", tracing::Level::INFO);
+    // A filtering layer vetoes events for the whole subscriber, wherever it sits.
     let registry = tracing_subscriber::registry().with(filter).with(fmt);
 
     #[cfg(feature = "otel")]
@@ -52,12 +60,12 @@ pub fn init(format: LogFormat) -> Guard {
                 (None, None)
             }
         };
-        let _ = registry.with(layer).try_init();
+        let _ = registry.with(layer).with(never_payloads).try_init();
         Guard { provider }
     }
     #[cfg(not(feature = "otel"))]
     {
-        let _ = registry.try_init();
+        let _ = registry.with(never_payloads).try_init();
         Guard {}
     }
 }
