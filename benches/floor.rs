@@ -51,7 +51,10 @@ fn measure(size: usize, count: usize) -> (f64, f64) {
 
 fn main() {
     println!("write(2) to loopback TCP, TCP_NODELAY, a reader thread draining the other end");
-    println!("{:>8} {:>14} {:>12} {:>20}", "bytes", "CPU us/write", "wall us", "ns/byte (CPU)");
+    println!(
+        "{:>8} {:>14} {:>12} {:>20}",
+        "bytes", "CPU us/write", "wall us", "ns/byte (CPU)"
+    );
     // A first pass warms the allocator, the socket code and the CPU's frequency up.
     let _ = measure(300, 100_000);
     for size in [64usize, 300, 1500, 4096, 16384] {
