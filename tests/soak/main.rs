@@ -103,7 +103,9 @@ async fn chaos_soak_with_exact_accounting() {
     };
     // Every symbol ticks once first, so all are known.
     let mut admin = connect(tls.clone(), server.url()).await;
-    let publisher_token = token("publisher", "*", Some("publish"), Duration::from_secs(3600));
+    // Outlives the run, however long (the leeway is zero).
+    let lifetime = Duration::from_secs(seconds + 600);
+    let publisher_token = token("publisher", "*", Some("publish"), lifetime);
     let seed_ticks: Vec<PublishRequest> = (0..SYMBOLS)
         .map(|i| PublishRequest::new(symbol(i), 100.0))
         .collect();
