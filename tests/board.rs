@@ -124,3 +124,43 @@ async fn the_board_shows_live_ticks_and_resumes_after_a_restart() {
         ticking(&browser, symbol).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_board_asks_for_a_token_when_the_server_wants_one() {
+    let keys = common::Keys::new();
+    let secret = keys.path("secret");
+    let args = [
+        "--web-listen",
+        "127.0.0.1:0",
+        "--jwt-secret-file",
+        secret.to_str().expect("path"),
+    ];
+    let server = TickerdProcess::spawn(&args).await;
+    let web = server.web_addr.expect("web listener");
+    let browser = Browser::start().await;
+    common::within(browser.client.goto(&format!("http://{web}/?symbols=SYM01")))
+        .await
+        .expect("page loads");
+    browser
+        .until(
+            "the token field",
+            "return !document.getElementById('token-form').hidden;",
+        )
+        .await;
+    let token = common::token("viewer", "SYM*", None, std::time::Duration::from_secs(600));
+    let field = common::within(browser.client.find(Locator::Id("token")))
+        .await
+        .expect("token field");
+    common::within(field.send_keys(&token)).await.expect("type");
+    let connect = common::within(
+        browser
+            .client
+            .find(Locator::Css("#token-form button[type=submit]")),
+    )
+    .await
+    .expect("connect button");
+    common::within(connect.click()).await.expect("click");
+    ticking(&browser, "SYM01").await;
+    // The token went in the first message, never in the address.
+    assert!(!browser.eval("return location.href;").await.contains(&token));
+}
