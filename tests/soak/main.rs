@@ -63,14 +63,8 @@ fn tally(what: &'static str, n: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long: tests/run.sh runs it for 120 s (TICKERD_SOAK_SECONDS)"]
 async fn chaos_soak_with_exact_accounting() {
-    let seconds: u64 = std::env::var("TICKERD_SOAK_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20);
-    let seed: u64 = std::env::var("TICKERD_SOAK_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(42);
+    let seconds = env_or("TICKERD_SOAK_SECONDS", 20);
+    let seed = env_or("TICKERD_SOAK_SEED", 42);
     eprintln!("soak: seed {seed}, {seconds} s");
     let panics: Faults = Arc::default();
     {
@@ -198,6 +192,14 @@ async fn chaos_soak_with_exact_accounting() {
         "seed {seed}: {} violations: {faults:#?}",
         faults.len()
     );
+}
+
+/// The number in the variable `name`, or `default` when it is unset or not a number.
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
 }
 
 /// Adds the streams /streams/ended lists now (it keeps the last 1024) to `ended`.

@@ -31,10 +31,7 @@ const SYMBOLS: usize = 100;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long: tests/run.sh runs it beside the soak"]
 async fn a_client_that_never_reads_for_a_minute_hurts_nobody() {
-    let seconds: u64 = std::env::var("TICKERD_STALL_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
+    let seconds = super::env_or("TICKERD_STALL_SECONDS", 60);
     let server = TickerdProcess::spawn(&[
         "--metrics-listen",
         "127.0.0.1:0",

@@ -317,10 +317,9 @@ async fn read(
         .await;
 }
 
-/// What one poll of the session gave.
-enum Burst {
-    Messages(Vec<Outbound>, Option<Result<(), Status>>),
-}
+/// What one poll of the session gave: the messages ready now, and, if the session
+/// ended, how (`Ok` for a normal end, the status otherwise).
+type Burst = (Vec<Outbound>, Option<Result<(), Status>>);
 
 /// Writes the session's messages until it ends, the client goes, or the socket stalls.
 struct Writer {
@@ -350,7 +349,7 @@ impl Writer {
                             detail,
                             ..Default::default()
                         });
-                        Burst::Messages(vec![reply], None)
+                        (vec![reply], None)
                     }
                     Some(Notice::Close(code, reason)) => {
                         return self.close(code, &reason).await;
@@ -364,15 +363,15 @@ impl Writer {
                             Poll::Ready(Some(Ok(msg))) => {
                                 out.push(msg);
                                 if out.len() == MAX_BURST {
-                                    return Poll::Ready(Burst::Messages(out, None));
+                                    return Poll::Ready((out, None));
                                 }
                             }
                             Poll::Ready(Some(Err(status))) => {
-                                return Poll::Ready(Burst::Messages(out, Some(Err(status))))
+                                return Poll::Ready((out, Some(Err(status))))
                             }
-                            Poll::Ready(None) => return Poll::Ready(Burst::Messages(out, Some(Ok(())))),
+                            Poll::Ready(None) => return Poll::Ready((out, Some(Ok(())))),
                             Poll::Pending if out.is_empty() => return Poll::Pending,
-                            Poll::Pending => return Poll::Ready(Burst::Messages(out, None)),
+                            Poll::Pending => return Poll::Ready((out, None)),
                         }
                     }
                 }) => burst,
@@ -388,7 +387,7 @@ impl Writer {
                     continue;
                 }
             };
-            let Burst::Messages(messages, end) = burst;
+            let (messages, end): Burst = burst;
             for out in messages {
                 if !self.feed(frame_of(&out, encoding)).await {
                     return;
