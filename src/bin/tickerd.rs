@@ -47,33 +47,17 @@ async fn run(config: Config) -> ExitCode {
         }
     };
     if let Some(addr) = metrics_listen {
-        match tokio::net::TcpListener::bind(addr).await {
-            Ok(metrics) => {
-                let bound = metrics
-                    .local_addr()
-                    .map_or_else(|_| addr.to_string(), |a| a.to_string());
-                tracing::info!(addr = %bound, "metrics endpoint listening (/metrics, /healthz, /streams)");
-                server = server.metrics_listener(metrics);
-            }
-            Err(e) => {
-                tracing::error!("cannot listen on {addr} for metrics: {e}");
-                return ExitCode::FAILURE;
-            }
+        let says = "metrics endpoint listening (/metrics, /healthz, /streams)";
+        match bind(addr, "metrics", says).await {
+            Some(metrics) => server = server.metrics_listener(metrics),
+            None => return ExitCode::FAILURE,
         }
     }
     if let Some(addr) = web_listen {
-        match tokio::net::TcpListener::bind(addr).await {
-            Ok(web) => {
-                let bound = web
-                    .local_addr()
-                    .map_or_else(|_| addr.to_string(), |a| a.to_string());
-                tracing::info!(addr = %bound, "web listening (board /, WebSocket /v1/stream, gRPC-Web)");
-                server = server.web_listener(web);
-            }
-            Err(e) => {
-                tracing::error!("cannot listen on {addr} for the web: {e}");
-                return ExitCode::FAILURE;
-            }
+        let says = "web listening (board /, WebSocket /v1/stream, gRPC-Web)";
+        match bind(addr, "the web", says).await {
+            Some(web) => server = server.web_listener(web),
+            None => return ExitCode::FAILURE,
         }
     }
     if let Some(reloader) = server.tls_reloader() {
@@ -88,6 +72,28 @@ async fn run(config: Config) -> ExitCode {
         Err(e) => {
             tracing::error!("{e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Binds an extra listener (`what` it is for) and logs `says` with its address; logs
+/// why not and returns `None` when it cannot.
+async fn bind(
+    addr: std::net::SocketAddr,
+    what: &str,
+    says: &str,
+) -> Option<tokio::net::TcpListener> {
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => {
+            let bound = listener
+                .local_addr()
+                .map_or_else(|_| addr.to_string(), |a| a.to_string());
+            tracing::info!(addr = %bound, "{says}");
+            Some(listener)
+        }
+        Err(e) => {
+            tracing::error!("cannot listen on {addr} for {what}: {e}");
+            None
         }
     }
 }
