@@ -152,7 +152,7 @@ async fn chaos_soak_with_exact_accounting() {
     let (mut peak, mut reloads) = (0, 0u64);
     let reloader = server.tls_reloader.clone().expect("TLS on");
     // Every stream that ends, by id, with its final counts.
-    let mut ended: HashMap<u64, StreamView> = HashMap::new();
+    let mut ended = Ledger::default();
     while tokio::time::Instant::now() < deadline {
         peak = peak.max(rss());
         collect_ended(&server, &mut ended).await;
@@ -202,13 +202,63 @@ fn env_or(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// What the accounting keeps of one stream: a few words, not the whole view, so that
+/// an hour's 400k+ streams cost the harness about 10 MiB and the peak memory is mostly
+/// the server's.
+#[derive(Clone, Copy)]
+struct Seen {
+    id: u64,
+    sent: u64,
+    dropped: u64,
+    /// The principal, interned in `Ledger::words`; `None` when not a TickerStream.
+    principal: Option<u32>,
+    /// Why it ended, interned; `None` while open.
+    ended: Option<u32>,
+}
+
+/// Every ended stream, by id, plus the interned strings its records point at.
+#[derive(Default)]
+struct Ledger {
+    ended: HashMap<u64, Seen>,
+    words: Vec<String>,
+    index: HashMap<String, u32>,
+}
+
+impl Ledger {
+    fn intern(&mut self, word: &str) -> u32 {
+        if let Some(&i) = self.index.get(word) {
+            return i;
+        }
+        let i = self.words.len() as u32;
+        self.words.push(word.to_string());
+        self.index.insert(word.to_string(), i);
+        i
+    }
+
+    fn seen(&mut self, view: &StreamView) -> Seen {
+        Seen {
+            id: view.id,
+            sent: view.ticks_sent,
+            dropped: view.ticks_dropped,
+            principal: (view.rpc == "TickerStream").then(|| self.intern(&view.principal)),
+            ended: view.ended.as_deref().map(|e| self.intern(e)),
+        }
+    }
+
+    fn word(&self, i: Option<u32>) -> &str {
+        i.and_then(|i| self.words.get(i as usize))
+            .map_or("-", String::as_str)
+    }
+}
+
 /// Adds the streams /streams/ended lists now (it keeps the last 1024) to `ended`.
-async fn collect_ended(server: &TestServer, ended: &mut HashMap<u64, StreamView>) {
+async fn collect_ended(server: &TestServer, ended: &mut Ledger) {
     let (status, body) = server.http_get("/streams/ended").await;
     assert_eq!(status, 200, "/streams/ended: {body}");
     let list: Vec<StreamView> = serde_json::from_str(&body).expect("/streams/ended JSON");
     for view in list {
-        ended.insert(view.id, view);
+        let seen = ended.seen(&view);
+        ended.ended.insert(view.id, seen);
     }
 }
 
@@ -221,24 +271,20 @@ async fn total(server: &TestServer, name: &str) -> u64 {
 }
 
 /// The exact accounting described at the top.
-async fn account(
-    server: &TestServer,
-    finals: &[Final],
-    ended: &mut HashMap<u64, StreamView>,
-    faults: &Faults,
-) {
+async fn account(server: &TestServer, finals: &[Final], ended: &mut Ledger, faults: &Faults) {
     let fault = |what: String| faults.lock().unwrap().push(what);
     // A stream its client cut ends on the server a moment later: wait for every
     // client's streams to be there, open or ended.
     let opened: usize = finals.iter().map(|f| f.streams.len()).sum();
-    let mut views: Vec<StreamView>;
+    let mut views: Vec<Seen>;
     let wait = tokio::time::Instant::now() + common::DEADLINE;
     loop {
         collect_ended(server, ended).await;
         let (_, body) = server.http_get("/streams").await;
         let open: Vec<StreamView> = serde_json::from_str(&body).expect("/streams JSON");
-        views = open.into_iter().chain(ended.values().cloned()).collect();
-        let streams = views.iter().filter(|v| v.rpc == "TickerStream").count();
+        views = open.iter().map(|v| ended.seen(v)).collect();
+        views.extend(ended.ended.values().copied());
+        let streams = views.iter().filter(|v| v.principal.is_some()).count();
         if streams == opened || tokio::time::Instant::now() >= wait {
             break;
         }
@@ -258,7 +304,7 @@ async fn account(
     // every open stream has sent all it had: the clients drained them).
     let (sent, dropped) = views
         .iter()
-        .fold((0, 0), |(s, d), v| (s + v.ticks_sent, d + v.ticks_dropped));
+        .fold((0, 0), |(s, d), v| (s + v.sent, d + v.dropped));
     let server_sent = total(server, "tickerd_ticks_delivered_total").await;
     let server_dropped = total(server, "tickerd_ticks_dropped_total").await;
     if (server_sent, server_dropped) != (sent, dropped) {
@@ -268,9 +314,9 @@ async fn account(
     }
     let (mut got, mut told, mut in_flight) = (0, 0, 0);
     for Final { name, streams, .. } in finals {
-        let theirs: Vec<&StreamView> = views
+        let theirs: Vec<&Seen> = views
             .iter()
-            .filter(|v| &v.principal == name && v.rpc == "TickerStream")
+            .filter(|v| v.principal.is_some() && ended.word(v.principal) == name)
             .collect();
         if theirs.len() != streams.len() {
             fault(format!(
@@ -283,7 +329,7 @@ async fn account(
         for (i, (record, view)) in streams.iter().zip(theirs).enumerate() {
             got += record.got;
             told += record.dropped;
-            let server = (view.ticks_sent, view.ticks_dropped);
+            let server = (view.sent, view.dropped);
             let client = (record.got, record.dropped);
             let exact = match record.end {
                 End::Open | End::Server => server == client,
@@ -292,7 +338,12 @@ async fn account(
             if !exact {
                 fault(format!(
                     "{name}, stream {i} ({:?}, server: {:?}): the server counted sent {} dropped {}, the client got {} and was told of {} dropped",
-                    record.end, view.ended, server.0, server.1, client.0, client.1
+                    record.end,
+                    ended.word(view.ended),
+                    server.0,
+                    server.1,
+                    client.0,
+                    client.1
                 ));
             }
             if record.end == End::Client {
@@ -300,6 +351,11 @@ async fn account(
             }
         }
     }
+    eprintln!(
+        "soak: the harness kept {} ended streams (~{} KiB)",
+        ended.ended.len(),
+        ended.ended.len() * (std::mem::size_of::<Seen>() + 16) / 1024
+    );
     eprintln!(
         "soak: server delivered {server_sent} and dropped {server_dropped} over {} streams; clients got {got} (+{in_flight} in flight on streams their client cut) and were told of {told} dropped",
         views.len()
