@@ -106,6 +106,12 @@ pub struct Config {
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub io_threads: u16,
 
+    /// The HTTP/2 implementation of the gRPC port: `tickerd`, the server's own (one
+    /// task and one write buffer per connection, for all its streams), or `hyper`
+    /// (hyper and h2, as tonic serves). Both serve the same RPCs under the same limits.
+    #[arg(long, env = "TICKERD_HTTP2", value_enum, default_value_t = Http2::Tickerd)]
+    pub http2: Http2,
+
     /// HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: streams one connection may open at once.
     #[arg(long, env = "TICKERD_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
     pub max_concurrent_streams: u32,
@@ -401,4 +407,13 @@ mod tests {
             );
         }
     }
+}
+
+/// The HTTP/2 implementation of the gRPC port (`--http2`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Http2 {
+    /// The server's own: `transport::http2`.
+    Tickerd,
+    /// hyper and h2, through tonic's server.
+    Hyper,
 }

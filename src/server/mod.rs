@@ -6,16 +6,17 @@
 
 pub mod config;
 
-use std::{future::Future, io, path::PathBuf, time::Duration};
+use std::{future::Future, io, path::PathBuf, pin::Pin, time::Duration};
 
 use std::sync::Arc;
 
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
-use tonic::service::interceptor::InterceptedService;
+use tonic::service::{interceptor::InterceptedService, Routes};
 use tonic_health::ServingStatus;
+use tower_layer::Layer as _;
 
-pub use config::Config;
+pub use config::{Config, Http2};
 
 use crate::{
     auth::{jwt::JwtKeyError, Authenticator, JwtVerifier},
@@ -30,6 +31,7 @@ use crate::{
     symbol::{self, Symbol},
     transport::{
         grpc::{MessageLimits, ServiceLimits, StreamRoutesLayer, TickerService},
+        http2,
         incoming::{Incoming, IncomingOptions},
         shards::{ShardError, Shards},
         tls::{Tls, TlsError},
@@ -354,61 +356,106 @@ impl Server {
             let incoming = Incoming::new(listener, web_incoming, metrics.clone());
             tokio::spawn(web::serve(incoming, router, stop_accepting.clone()));
         }
-        let mut builder = tonic::transport::Server::builder();
-        if let Some(age) = config.max_connection_age {
+        let age = config.max_connection_age.map(|age| {
             let jitter = config.max_connection_age_jitter.clamp(0.0, 0.9);
             let seed = crate::clock::now_unix_nanos() as u64 ^ u64::from(std::process::id());
             let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(seed);
             let factor = 1.0 + rand::Rng::random_range(&mut rng, -jitter..=jitter);
             let age = age.mul_f64(factor);
             tracing::info!(?age, grace = ?config.max_connection_age_grace, "connections are recycled");
-            builder = builder
-                .max_connection_age(age)
-                .max_connection_age_grace(config.max_connection_age_grace);
-        }
-        let router = builder
-            .max_concurrent_streams(config.max_concurrent_streams)
-            .http2_max_pending_accept_reset_streams(Some(
-                config.http2_max_pending_accept_reset_streams,
-            ))
-            .http2_max_local_error_reset_streams(Some(config.http2_max_local_error_reset_streams))
-            .http2_max_header_list_size(config.http2_max_header_list_size)
-            .http2_keepalive_interval(Some(config.http2_keepalive_interval))
-            .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
-            .tcp_nodelay(true)
-            .layer(RpcMetricsLayer::new(metrics.clone()))
-            .layer(StreamRoutesLayer::new(
-                service.clone(),
-                MessageLimits {
-                    max_decoding: config.max_decoding_message_size,
-                    max_encoding: config.max_encoding_message_size,
-                },
-            ))
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(ticker);
-        let others = usize::from(config.io_threads) - 1;
-        let mut shards = Shards::start(others, &options, &metrics, &stop_accepting, {
-            let router = router.clone();
-            move |incoming, stopping| {
-                router
-                    .clone()
-                    .serve_with_incoming_shutdown(incoming, stopping)
-            }
-        })
-        .map_err(ServerError::IoThread)?;
-        let incoming =
-            Incoming::new(listener, options, metrics.clone()).share_with(shards.hand_offs());
-        let serving = async {
-            router
-                .serve_with_incoming_shutdown(incoming, stop_accepting.clone().cancelled_owned())
-                .await?;
-            // Only a stop ends this thread's serving without an error; the others follow.
-            shards.join().await?;
-            Ok::<(), ServerError>(())
+            age
+        });
+        let limits = MessageLimits {
+            max_decoding: config.max_decoding_message_size,
+            max_encoding: config.max_encoding_message_size,
         };
-        tokio::pin!(serving);
+        let others = usize::from(config.io_threads) - 1;
+        let incoming = Incoming::new(listener, options.clone(), metrics.clone());
+        let serving: Pin<Box<dyn Future<Output = Result<(), ServerError>> + Send>> = match config
+            .http2
+        {
+            Http2::Tickerd => {
+                let routes = Routes::new(health_service)
+                    .add_service(reflection_v1)
+                    .add_service(reflection_v1alpha)
+                    .add_service(ticker)
+                    .prepare();
+                let stack = RpcMetricsLayer::new(metrics.clone())
+                    .layer(StreamRoutesLayer::new(service.clone(), limits).layer(routes));
+                let h2 = http2::Options {
+                    max_concurrent_streams: config.max_concurrent_streams,
+                    max_header_list_size: config.http2_max_header_list_size,
+                    keepalive_interval: config.http2_keepalive_interval,
+                    keepalive_timeout: config.http2_keepalive_timeout,
+                    max_pending_accept_reset_streams: config.http2_max_pending_accept_reset_streams,
+                    max_local_error_reset_streams: config.http2_max_local_error_reset_streams,
+                    max_connection_age: age.map(|age| (age, config.max_connection_age_grace)),
+                    stream_window: http2::STREAM_WINDOW,
+                    connection_window: http2::CONNECTION_WINDOW,
+                };
+                let mut shards = Shards::start(others, &options, &metrics, &stop_accepting, {
+                    let (stack, h2) = (stack.clone(), h2.clone());
+                    move |incoming, stopping| {
+                        http2::serve(incoming, stack.clone(), h2.clone(), stopping)
+                    }
+                })
+                .map_err(ServerError::IoThread)?;
+                let incoming = incoming.share_with(shards.hand_offs());
+                let stopping = stop_accepting.clone().cancelled_owned();
+                Box::pin(async move {
+                    http2::serve(incoming, stack, h2, stopping).await?;
+                    shards.join().await?;
+                    Ok::<(), ServerError>(())
+                })
+            }
+            Http2::Hyper => {
+                let mut builder = tonic::transport::Server::builder();
+                if let Some(age) = age {
+                    builder = builder
+                        .max_connection_age(age)
+                        .max_connection_age_grace(config.max_connection_age_grace);
+                }
+                let router = builder
+                    .max_concurrent_streams(config.max_concurrent_streams)
+                    .http2_max_pending_accept_reset_streams(Some(
+                        config.http2_max_pending_accept_reset_streams,
+                    ))
+                    .http2_max_local_error_reset_streams(Some(
+                        config.http2_max_local_error_reset_streams,
+                    ))
+                    .http2_max_header_list_size(config.http2_max_header_list_size)
+                    .http2_keepalive_interval(Some(config.http2_keepalive_interval))
+                    .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
+                    .tcp_nodelay(true)
+                    .layer(RpcMetricsLayer::new(metrics.clone()))
+                    .layer(StreamRoutesLayer::new(service.clone(), limits))
+                    .add_service(health_service)
+                    .add_service(reflection_v1)
+                    .add_service(reflection_v1alpha)
+                    .add_service(ticker);
+                let mut shards = Shards::start(others, &options, &metrics, &stop_accepting, {
+                    let router = router.clone();
+                    move |incoming, stopping| {
+                        router
+                            .clone()
+                            .serve_with_incoming_shutdown(incoming, stopping)
+                    }
+                })
+                .map_err(ServerError::IoThread)?;
+                let incoming = incoming.share_with(shards.hand_offs());
+                let stopping = stop_accepting.clone().cancelled_owned();
+                Box::pin(async move {
+                    router
+                        .serve_with_incoming_shutdown(incoming, stopping)
+                        .await?;
+                    // Only a stop ends this thread's serving without an error; the
+                    // others follow.
+                    shards.join().await?;
+                    Ok::<(), ServerError>(())
+                })
+            }
+        };
+        let mut serving = serving;
 
         tokio::select! {
             result = &mut serving => {

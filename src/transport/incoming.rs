@@ -269,6 +269,13 @@ impl ServerIo {
     }
 }
 
+impl ServerIo {
+    /// Who is on the other end.
+    pub fn peer(&self) -> &PeerInfo {
+        &self.peer
+    }
+}
+
 impl Drop for ServerIo {
     fn drop(&mut self) {
         self.metrics.connections.dec();

@@ -1,0 +1,328 @@
+//! The connection's pass (see `conn`): read and handle frames, poll the ready streams
+//! into the buffer, write it; and the timers (keepalive, age, the close's bound).
+
+use super::*;
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
+    /// Polls stream `id` as far as its windows and the buffer allow.
+    fn drive(&mut self, id: u32) -> Parked {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return Parked::Finished;
+        };
+        s.wake.taken();
+        let w = &mut self.w;
+        let mut cx = Context::from_waker(&s.waker);
+        if let Phase::Calling(call) = &mut s.phase {
+            let response = match call.as_mut().poll(&mut cx) {
+                Poll::Ready(response) => response,
+                Poll::Pending => {
+                    let late = s
+                        .deadline
+                        .as_mut()
+                        .is_some_and(|d| d.as_mut().poll(&mut cx).is_ready());
+                    if !late {
+                        return Parked::Nothing;
+                    }
+                    tonic::Status::deadline_exceeded("deadline exceeded").into_http()
+                }
+            };
+            s.deadline = None;
+            let (parts, body) = response.into_parts();
+            headers::response(parts.status, &parts.headers, &mut w.scratch);
+            if body.is_end_stream() {
+                // Trailers-only: the status rides in the one HEADERS frame.
+                w.headers(id, true);
+                s.phase = Phase::Done;
+                return Parked::Finished;
+            }
+            w.headers(id, false);
+            s.phase = Phase::Body(body);
+        }
+        let Phase::Body(body) = &mut s.phase else {
+            return Parked::Finished;
+        };
+        loop {
+            if let Some(data) = s.pending.take() {
+                s.pending = w.data(id, &mut s.send_window, data, false);
+                if s.pending.is_some() {
+                    return if w.conn_window <= 0 {
+                        Parked::ConnWindow
+                    } else {
+                        Parked::Nothing
+                    };
+                }
+                if let Some(trailers) = s.trailers.take() {
+                    headers::fields(&trailers, &mut w.scratch);
+                    w.headers(id, true);
+                    s.phase = Phase::Done;
+                    return Parked::Finished;
+                }
+            }
+            if w.out.len() >= HIGH_WATER {
+                return Parked::Buffer;
+            }
+            if w.conn_window <= 0 {
+                return Parked::ConnWindow;
+            }
+            if s.send_window <= 0 {
+                return Parked::Nothing;
+            }
+            match Pin::new(&mut *body).poll_frame(&mut cx) {
+                Poll::Ready(Some(Ok(f))) => match f.into_data() {
+                    Ok(data) => s.pending = Some(data),
+                    Err(f) => {
+                        let trailers = f.into_trailers().unwrap_or_default();
+                        if s.pending.is_some() {
+                            s.trailers = Some(trailers);
+                        } else {
+                            headers::fields(&trailers, &mut w.scratch);
+                            w.headers(id, true);
+                            s.phase = Phase::Done;
+                            return Parked::Finished;
+                        }
+                    }
+                },
+                Poll::Ready(None) => {
+                    w.data(id, &mut s.send_window, Bytes::new(), true);
+                    s.phase = Phase::Done;
+                    return Parked::Finished;
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    tracing::debug!(stream = id, error = %e, "response body failed");
+                    frame::put_reset(&mut w.out, id, frame::INTERNAL_ERROR);
+                    s.phase = Phase::Done;
+                    s.sender = None;
+                    return Parked::Finished;
+                }
+                Poll::Pending => return Parked::Nothing,
+            }
+        }
+    }
+
+    /// Polls every runnable stream.
+    fn run_streams(&mut self) -> bool {
+        self.shared.take_ready(&mut self.taken);
+        self.runnable.append(&mut self.taken);
+        if self.w.out.len() < HIGH_WATER {
+            self.runnable.append(&mut self.deferred);
+        }
+        if self.runnable.is_empty() {
+            return false;
+        }
+        let mut runnable = std::mem::take(&mut self.runnable);
+        for id in runnable.drain(..) {
+            match self.drive(id) {
+                Parked::Nothing => {}
+                Parked::ConnWindow => self.conn_blocked.push(id),
+                Parked::Buffer => self.deferred.push(id),
+                Parked::Finished => self.finished(id),
+            }
+        }
+        // Keep the allocation; ids pushed while driving are in `self.runnable`.
+        runnable.append(&mut self.runnable);
+        self.runnable = runnable;
+        true
+    }
+
+    /// Our side of stream `id` is done: it goes once the client's is too; a client
+    /// still sending is told to stop (RST_STREAM NO_ERROR, RFC 9113 8.1).
+    fn finished(&mut self, id: u32) {
+        let Some(s) = self.streams.get(&id) else {
+            return;
+        };
+        if !matches!(s.phase, Phase::Done) {
+            return;
+        }
+        if s.sender.is_some() {
+            frame::put_reset(&mut self.w.out, id, frame::NO_ERROR);
+        }
+        self.streams.remove(&id);
+    }
+
+    /// Handles the complete frames in the read buffer.
+    fn read_frames(&mut self) -> Result<bool, Error> {
+        if !self.preface {
+            if self.rbuf.len() < frame::PREFACE.len() {
+                if !frame::PREFACE.starts_with(&self.rbuf) {
+                    return Err(frame::error(frame::PROTOCOL_ERROR, "not HTTP/2"));
+                }
+                return Ok(false);
+            }
+            if &self.rbuf[..frame::PREFACE.len()] != frame::PREFACE {
+                return Err(frame::error(frame::PROTOCOL_ERROR, "not HTTP/2"));
+            }
+            self.rbuf.advance(frame::PREFACE.len());
+            self.preface = true;
+        }
+        let mut any = false;
+        while self.closing.is_none() && self.w.out.len() < HIGH_WATER {
+            let Some(bytes) = self.rbuf.get(..frame::HEAD) else {
+                break;
+            };
+            let head = Head::parse(bytes.try_into().unwrap_or(&[0; frame::HEAD]));
+            if head.len > frame::DEFAULT_MAX_FRAME as usize {
+                return Err(frame::error(frame::FRAME_SIZE_ERROR, "frame too large"));
+            }
+            if self.rbuf.len() < frame::HEAD + head.len {
+                self.rbuf.reserve(frame::HEAD + head.len);
+                break;
+            }
+            self.rbuf.advance(frame::HEAD);
+            let payload = self.rbuf.split_to(head.len).freeze();
+            if self.continuing.is_some() && head.kind != frame::CONTINUATION {
+                return Err(frame::error(frame::PROTOCOL_ERROR, "expected CONTINUATION"));
+            }
+            let f = frame::parse(head, payload)?;
+            self.on_frame(f)?;
+            any = true;
+        }
+        Ok(any)
+    }
+
+    /// Reads what the socket has; `Ready(false)` at its end.
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<bool>> {
+        let mut buf = ReadBuf::new(&mut self.scratch);
+        match Pin::new(&mut self.io).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) => {
+                let filled = buf.filled();
+                if filled.is_empty() {
+                    return Poll::Ready(Ok(false));
+                }
+                self.rbuf.extend_from_slice(filled);
+                Poll::Ready(Ok(true))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// Writes the buffer; `Ready` once it is empty.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while !self.w.out.is_empty() {
+            match Pin::new(&mut self.io).poll_write(cx, &self.w.out) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                }
+                Poll::Ready(Ok(n)) => self.w.out.advance(n),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_timers(&mut self, cx: &mut Context<'_>) {
+        if !self.stopped && self.stopping.as_mut().poll(cx).is_ready() {
+            self.stopped = true;
+            self.drain();
+        }
+        if self.keepalive.as_mut().poll(cx).is_ready() {
+            let quiet_until = self.last_read + self.options.keepalive_interval;
+            if !self.ping_out && quiet_until > Instant::now() {
+                // Frames came in since: the connection is alive; look again later.
+                self.keepalive.as_mut().reset(quiet_until);
+                let _ = self.keepalive.as_mut().poll(cx);
+            } else if self.ping_out {
+                tracing::debug!(peer = ?self.peer.addr, "keepalive PING unanswered; closing");
+                frame::put_goaway(&mut self.w.out, self.last_stream, frame::NO_ERROR, "");
+                self.close();
+            } else {
+                frame::put_ping(&mut self.w.out, false, PING);
+                self.ping_out = true;
+                let next = Instant::now() + self.options.keepalive_timeout;
+                self.keepalive.as_mut().reset(next);
+                let _ = self.keepalive.as_mut().poll(cx);
+            }
+        }
+        if let Some(age) = self.age.as_mut() {
+            if age.as_mut().poll(cx).is_ready() {
+                self.drain();
+                let grace = self
+                    .options
+                    .max_connection_age
+                    .map_or(Duration::ZERO, |a| a.1);
+                let mut grace = Box::pin(tokio::time::sleep(grace));
+                let _ = grace.as_mut().poll(cx);
+                // Past the grace, the streams still open are cut.
+                self.age = None;
+                self.grace = Some(grace);
+            }
+        }
+    }
+
+    /// One connection's life.
+    fn poll_conn(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        self.shared.task.register(cx.waker());
+        for _ in 0..PASSES {
+            let mut progress = false;
+            if self.closing.is_none() {
+                self.poll_timers(cx);
+                if let Some(grace) = self.grace.as_mut() {
+                    if grace.as_mut().poll(cx).is_ready() {
+                        self.close();
+                    }
+                }
+            }
+            if self.closing.is_none() && self.w.out.len() < HIGH_WATER {
+                match self.read_frames() {
+                    Ok(any) => progress |= any,
+                    Err(e) => self.fail(e),
+                }
+                if self.closing.is_none() && self.w.out.len() < HIGH_WATER {
+                    match self.poll_read(cx) {
+                        Poll::Ready(Ok(true)) => {
+                            self.last_read = Instant::now();
+                            progress = true;
+                        }
+                        Poll::Ready(Ok(false)) | Poll::Ready(Err(_)) => {
+                            self.streams.clear();
+                            return Poll::Ready(());
+                        }
+                        Poll::Pending => {}
+                    }
+                }
+            }
+            if self.closing.is_none() {
+                self.shared.take_released(&mut self.released);
+                let mut released = std::mem::take(&mut self.released);
+                for (id, n) in released.drain(..) {
+                    self.release(id, n);
+                }
+                self.released = released;
+                progress |= self.run_streams();
+                if self.draining && self.streams.is_empty() {
+                    self.close();
+                }
+            }
+            match self.poll_write(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(_)) => {
+                    self.streams.clear();
+                    return Poll::Ready(());
+                }
+                Poll::Pending => {}
+            }
+            if let Some(closing) = self.closing.as_mut() {
+                if self.w.out.is_empty() || closing.as_mut().poll(cx).is_ready() {
+                    let _ = Pin::new(&mut self.io).poll_shutdown(cx);
+                    return Poll::Ready(());
+                }
+                return Poll::Pending;
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+        // Still busy: let other tasks run, and come back.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> Future for Connection<IO> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.get_mut().poll_conn(cx)
+    }
+}

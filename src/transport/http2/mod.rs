@@ -1,0 +1,126 @@
+//! The server's own HTTP/2 (`--http2 tickerd`, the default): one task per connection
+//! owns every stream of it and writes them all through one buffer (`conn`), over
+//! framing (`frame`) and header blocks (`headers`, HPACK decoding by `loona-hpack`) of
+//! its own. Requests go to the same tower service tonic would call (the router with the
+//! server's layers), so every RPC, status, and limit is as with `--http2 hyper`; only
+//! the writing changes. `server` mounts it on the accepted connections of `incoming`.
+//!
+//! Why: with hyper and h2, each response stream is a task, and h2 queues, encodes and
+//! flushes one frame at a time behind a connection-wide lock: about half of a
+//! delivery's instructions (`benches/README.md`). Here a woken stream is polled in its
+//! connection's task and its ticks are appended to the connection's buffer.
+
+mod conn;
+pub mod frame;
+pub mod headers;
+mod stream;
+
+use std::{convert::Infallible, future::Future, sync::Arc, time::Duration};
+
+use futures_util::StreamExt as _;
+use http::{Request, Response};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic::body::Body;
+use tower_service::Service;
+
+use crate::transport::incoming::Incoming;
+use conn::{Connection, Serve};
+
+/// The receive window granted to each stream, and to each connection: what one
+/// stream's request body (a Publish) may have in flight.
+pub const STREAM_WINDOW: u32 = 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 2 * 1024 * 1024;
+
+/// The connection limits (see the `--http2-*`, `--max-concurrent-streams` and
+/// `--max-connection-age` flags).
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub max_concurrent_streams: u32,
+    pub max_header_list_size: u32,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    /// Streams a client may reset before their answer, per second.
+    pub max_pending_accept_reset_streams: usize,
+    /// Streams a connection may have refused for its errors, in all.
+    pub max_local_error_reset_streams: usize,
+    /// After this age a connection gets GOAWAY; after the grace, it is closed.
+    pub max_connection_age: Option<(Duration, Duration)>,
+    /// The receive windows granted: per stream and per connection.
+    pub stream_window: u32,
+    pub connection_window: u32,
+}
+
+/// Serves `incoming` with `service` until `stopping` resolves, then sends every
+/// connection GOAWAY and returns once they have closed. Dropping the returned future
+/// closes the connections still open.
+pub async fn serve<S, B>(
+    mut incoming: Incoming,
+    service: S,
+    options: Options,
+    stopping: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error>
+where
+    S: Service<Request<Body>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let serve: Serve = Arc::new(move |request| {
+        let mut service = service.clone();
+        Box::pin(async move {
+            let ready = std::future::poll_fn(|cx| service.poll_ready(cx)).await;
+            match ready {
+                Ok(()) => match service.call(request).await {
+                    Ok(response) => response.map(Body::new),
+                    Err(never) => match never {},
+                },
+                Err(never) => match never {},
+            }
+        })
+    });
+    let options = Arc::new(options);
+    let stop = CancellationToken::new();
+    // Dropped (the drain timed out, or the server is gone): every connection ends now.
+    let force = CancellationToken::new();
+    let _force_on_drop = force.clone().drop_guard();
+    let tracker = TaskTracker::new();
+    tokio::pin!(stopping);
+    loop {
+        let io = tokio::select! {
+            io = incoming.next() => io,
+            () = &mut stopping => break,
+        };
+        let Some(io) = io else { break };
+        let io = match io {
+            Ok(io) => io,
+            Err(e) => {
+                tracing::debug!(error = %e, "connection not accepted");
+                continue;
+            }
+        };
+        let peer = io.peer().clone();
+        let connection = Connection::new(
+            io,
+            peer,
+            Arc::clone(&serve),
+            Arc::clone(&options),
+            stop.clone().cancelled_owned(),
+        );
+        let force = force.clone();
+        tracker.spawn(async move {
+            tokio::select! {
+                () = connection => {}
+                () = force.cancelled() => {}
+            }
+        });
+    }
+    drop(incoming);
+    stop.cancel();
+    tracker.close();
+    tracker.wait().await;
+    Ok(())
+}
