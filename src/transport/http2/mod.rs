@@ -50,6 +50,55 @@ pub struct Options {
     pub connection_window: u32,
 }
 
+/// The service as each connection calls it.
+fn boxed<S, B>(service: S) -> Serve
+where
+    S: Service<Request<Body>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    Arc::new(move |request| {
+        let mut service = service.clone();
+        Box::pin(async move {
+            let ready = std::future::poll_fn(|cx| service.poll_ready(cx)).await;
+            match ready {
+                Ok(()) => match service.call(request).await {
+                    Ok(response) => response.map(Body::new),
+                    Err(never) => match never {},
+                },
+                Err(never) => match never {},
+            }
+        })
+    })
+}
+
+/// Serves one connection over `io` until it ends (the `h2_conn` fuzz target drives
+/// it with arbitrary bytes).
+pub async fn connection<IO, S, B>(io: IO, service: S, options: Options)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    S: Service<Request<Body>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let never = CancellationToken::new().cancelled_owned();
+    let peer = crate::auth::PeerInfo {
+        addr: None,
+        client_subject: None,
+    };
+    Connection::new(io, peer, boxed(service), Arc::new(options), never).await
+}
+
 /// Serves `incoming` with `service` until `stopping` resolves, then sends every
 /// connection GOAWAY and returns once they have closed. Dropping the returned future
 /// closes the connections still open.
@@ -69,19 +118,7 @@ where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let serve: Serve = Arc::new(move |request| {
-        let mut service = service.clone();
-        Box::pin(async move {
-            let ready = std::future::poll_fn(|cx| service.poll_ready(cx)).await;
-            match ready {
-                Ok(()) => match service.call(request).await {
-                    Ok(response) => response.map(Body::new),
-                    Err(never) => match never {},
-                },
-                Err(never) => match never {},
-            }
-        })
-    });
+    let serve = boxed(service);
     let options = Arc::new(options);
     let stop = CancellationToken::new();
     // Dropped (the drain timed out, or the server is gone): every connection ends now.

@@ -122,13 +122,20 @@ impl Sender {
         }
     }
 
-    pub fn reset(&self, code: u32) {
+    /// The stream is gone: the body ends (with error `code` unless the client had
+    /// ended it), and nothing it still held is read. Returns the bytes received and not
+    /// yet given back, which the connection gives back now.
+    pub fn close(self, code: u32) -> usize {
         let mut inbox = Shared::lock(&self.inbox);
-        inbox.reset = Some(code);
-        inbox.chunks.clear();
+        let unread: usize = inbox.chunks.drain(..).map(|c| c.len()).sum();
+        let unread = unread + std::mem::take(&mut inbox.unreleased);
+        if !inbox.ended {
+            inbox.reset = Some(code);
+        }
         if let Some(w) = inbox.waker.take() {
             w.wake();
         }
+        unread
     }
 }
 
@@ -241,7 +248,8 @@ mod tests {
     async fn a_reset_body_errs() {
         let shared = Arc::new(Shared::default());
         let (tx, mut body) = channel(1, shared);
-        tx.reset(8);
+        tx.push(Bytes::from_static(b"unread"));
+        assert_eq!(tx.close(8), 6);
         assert!(body.frame().await.unwrap().is_err());
     }
 

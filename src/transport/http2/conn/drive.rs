@@ -91,7 +91,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                     tracing::debug!(stream = id, error = %e, "response body failed");
                     frame::put_reset(&mut w.out, id, frame::INTERNAL_ERROR);
                     s.phase = Phase::Done;
-                    s.sender = None;
+                    s.recv_open = false;
                     return Parked::Finished;
                 }
                 Poll::Pending => return Parked::Nothing,
@@ -133,10 +133,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
         if !matches!(s.phase, Phase::Done) {
             return;
         }
-        if s.sender.is_some() {
+        if s.recv_open {
             frame::put_reset(&mut self.w.out, id, frame::NO_ERROR);
         }
-        self.streams.remove(&id);
+        self.remove(id, frame::CANCEL);
     }
 
     /// Handles the complete frames in the read buffer.
@@ -274,7 +274,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                             self.last_read = Instant::now();
                             progress = true;
                         }
-                        Poll::Ready(Ok(false)) | Poll::Ready(Err(_)) => {
+                        Poll::Ready(Ok(false)) => {
+                            tracing::debug!(peer = ?self.peer.addr, "connection closed by the client");
+                            self.streams.clear();
+                            return Poll::Ready(());
+                        }
+                        Poll::Ready(Err(e)) => {
+                            tracing::debug!(peer = ?self.peer.addr, error = %e, "connection read failed");
                             self.streams.clear();
                             return Poll::Ready(());
                         }
@@ -296,7 +302,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
             }
             match self.poll_write(cx) {
                 Poll::Ready(Ok(())) => {}
-                Poll::Ready(Err(_)) => {
+                Poll::Ready(Err(e)) => {
+                    tracing::debug!(peer = ?self.peer.addr, error = %e, "connection write failed");
                     self.streams.clear();
                     return Poll::Ready(());
                 }

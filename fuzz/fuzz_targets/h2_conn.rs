@@ -1,0 +1,127 @@
+//! The server's own HTTP/2 connection fed arbitrary client bytes (after the preface),
+//! with an echo service behind it, on paused time so timers cannot stall it.
+//! Invariants: no panic; the connection ends; what the server writes is whole,
+//! well-formed frames, SETTINGS first; its DATA never exceeds the connection window the
+//! client granted.
+#![no_main]
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt as _, Full};
+use libfuzzer_sys::fuzz_target;
+use tickerd::transport::http2::{
+    connection,
+    frame::{self, Frame, Head},
+    Options,
+};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tonic::body::Body;
+
+#[derive(Clone)]
+struct Echo;
+
+impl tower_service::Service<Request<Body>> for Echo {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        Box::pin(async move {
+            if request.uri().path() == "/status" {
+                return Ok(tonic::Status::internal("refused").into_http());
+            }
+            let body = match request.into_body().collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(_) => Bytes::new(),
+            };
+            Ok(Response::new(Body::new(Full::new(body))))
+        })
+    }
+}
+
+/// The frames in `bytes`, as far as they are whole.
+fn frames(mut bytes: &[u8]) -> (Vec<(Head, Result<Frame, frame::Error>)>, usize) {
+    let mut out = Vec::new();
+    while bytes.len() >= frame::HEAD {
+        let head = Head::parse(bytes[..frame::HEAD].try_into().unwrap());
+        if bytes.len() < frame::HEAD + head.len {
+            break;
+        }
+        let payload = Bytes::copy_from_slice(&bytes[frame::HEAD..frame::HEAD + head.len]);
+        out.push((head, frame::parse(head, payload)));
+        bytes = &bytes[frame::HEAD + head.len..];
+    }
+    (out, bytes.len())
+}
+
+fuzz_target!(|data: &[u8]| {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("runtime");
+    let options = Options {
+        max_concurrent_streams: 8,
+        max_header_list_size: 4096,
+        keepalive_interval: Duration::from_secs(5),
+        keepalive_timeout: Duration::from_secs(1),
+        max_pending_accept_reset_streams: 8,
+        max_local_error_reset_streams: 16,
+        max_connection_age: None,
+        stream_window: 65_535,
+        connection_window: 65_535,
+    };
+    let written = runtime.block_on(async {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let serving = tokio::spawn(connection(server, Echo, options));
+        let (mut reader, mut writer) = tokio::io::split(&mut client);
+        let send = async {
+            let _ = writer.write_all(frame::PREFACE).await;
+            let _ = writer.write_all(data).await;
+            let _ = writer.shutdown().await;
+        };
+        let mut written = Vec::new();
+        let receive = reader.read_to_end(&mut written);
+        let ended = tokio::time::timeout(Duration::from_secs(600), async {
+            let (_, _) = tokio::join!(send, receive);
+        })
+        .await;
+        assert!(ended.is_ok(), "the connection never ended");
+        serving.await.expect("the connection task panicked");
+        written
+    });
+    let (sent, rest) = frames(&written);
+    assert_eq!(rest, 0, "a torn frame at the end of the server's output");
+    let mut window: i64 = 65_535;
+    for (head, parsed) in &frames(data).0 {
+        match parsed {
+            Ok(Frame::WindowUpdate { stream: 0, increment }) => window += i64::from(*increment),
+            Err(_) => break,
+            _ if head.kind == frame::CONTINUATION => {}
+            _ => {}
+        }
+    }
+    let mut data_sent = 0i64;
+    for (i, (head, parsed)) in sent.iter().enumerate() {
+        let parsed = parsed.as_ref().unwrap_or_else(|e| panic!("server frame {i} {head:?}: {e:?}"));
+        if i == 0 {
+            assert!(matches!(parsed, Frame::Settings { ack: false, .. }), "{parsed:?}");
+        }
+        if let Frame::Data { flow, .. } = parsed {
+            data_sent += *flow as i64;
+        }
+    }
+    assert!(data_sent <= window, "{data_sent} bytes of DATA in a {window}-byte window");
+});
