@@ -15,7 +15,15 @@ pub mod frame;
 pub mod headers;
 mod stream;
 
-use std::{convert::Infallible, future::Future, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    future::Future,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, Weak,
+    },
+    time::Duration,
+};
 
 use futures_util::StreamExt as _;
 use http::{Request, Response};
@@ -25,6 +33,38 @@ use tower_service::Service;
 
 use crate::transport::incoming::Incoming;
 use conn::{Connection, Serve};
+use stream::Shared;
+
+/// Tells every connection of one `serve` to drain: a flag each wake-up reads without a
+/// lock (a cancellation future polled every time cost a mutex), and a wake of each
+/// connection's task.
+#[derive(Default)]
+struct Drain {
+    started: AtomicBool,
+    connections: Mutex<Vec<Weak<Shared>>>,
+}
+
+impl Drain {
+    fn join(&self, shared: &Arc<Shared>) {
+        let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        if connections.len().is_power_of_two() {
+            connections.retain(|c| c.strong_count() > 0);
+        }
+        connections.push(Arc::downgrade(shared));
+    }
+
+    fn start(&self) {
+        self.started.store(true, Ordering::Release);
+        let connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        for shared in connections.iter().filter_map(Weak::upgrade) {
+            shared.task.wake();
+        }
+    }
+
+    fn started(&self) -> bool {
+        self.started.load(Ordering::Acquire)
+    }
+}
 
 /// The receive window granted to each stream, and to each connection: what one
 /// stream's request body (a Publish) may have in flight.
@@ -91,7 +131,7 @@ where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let never = CancellationToken::new().cancelled_owned();
+    let never = Arc::new(Drain::default());
     let peer = crate::auth::PeerInfo {
         addr: None,
         client_subject: None,
@@ -120,7 +160,7 @@ where
 {
     let serve = boxed(service);
     let options = Arc::new(options);
-    let stop = CancellationToken::new();
+    let stop = Arc::new(Drain::default());
     // Dropped (the drain timed out, or the server is gone): every connection ends now.
     let force = CancellationToken::new();
     let _force_on_drop = force.clone().drop_guard();
@@ -145,7 +185,7 @@ where
             peer,
             Arc::clone(&serve),
             Arc::clone(&options),
-            stop.clone().cancelled_owned(),
+            Arc::clone(&stop),
         );
         let force = force.clone();
         tracker.spawn(async move {
@@ -156,7 +196,7 @@ where
         });
     }
     drop(incoming);
-    stop.cancel();
+    stop.start();
     tracker.close();
     tracker.wait().await;
     Ok(())

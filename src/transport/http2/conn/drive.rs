@@ -100,14 +100,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
     }
 
     /// Polls every runnable stream.
-    fn run_streams(&mut self) -> bool {
+    fn run_streams(&mut self) {
         self.shared.take_ready(&mut self.taken);
         self.runnable.append(&mut self.taken);
         if self.w.out.len() < HIGH_WATER {
             self.runnable.append(&mut self.deferred);
         }
         if self.runnable.is_empty() {
-            return false;
+            return;
         }
         let mut runnable = std::mem::take(&mut self.runnable);
         for id in runnable.drain(..) {
@@ -121,7 +121,6 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
         // Keep the allocation; ids pushed while driving are in `self.runnable`.
         runnable.append(&mut self.runnable);
         self.runnable = runnable;
-        true
     }
 
     /// Our side of stream `id` is done: it goes once the client's is too; a client
@@ -212,9 +211,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
     }
 
     fn poll_timers(&mut self, cx: &mut Context<'_>) {
-        if !self.stopped && self.stopping.as_mut().poll(cx).is_ready() {
-            self.stopped = true;
+        if !self.draining && self.stop.started() {
             self.drain();
+        }
+        if let Some(grace) = self.grace.as_mut() {
+            if grace.as_mut().poll(cx).is_ready() {
+                self.close();
+                return;
+            }
         }
         if self.keepalive.as_mut().poll(cx).is_ready() {
             let quiet_until = self.last_read + self.options.keepalive_interval;
@@ -250,29 +254,24 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
         }
     }
 
-    /// One connection's life.
+    /// One connection's life. Timers are looked at once per wake-up; then passes run
+    /// while they find work: bytes read, or streams made runnable by the last pass.
     fn poll_conn(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         self.shared.task.register(cx.waker());
+        if self.closing.is_none() {
+            self.poll_timers(cx);
+        }
         for _ in 0..PASSES {
-            let mut progress = false;
-            if self.closing.is_none() {
-                self.poll_timers(cx);
-                if let Some(grace) = self.grace.as_mut() {
-                    if grace.as_mut().poll(cx).is_ready() {
-                        self.close();
-                    }
-                }
-            }
+            let mut again = false;
             if self.closing.is_none() && self.w.out.len() < HIGH_WATER {
-                match self.read_frames() {
-                    Ok(any) => progress |= any,
-                    Err(e) => self.fail(e),
+                if let Err(e) = self.read_frames() {
+                    self.fail(e);
                 }
                 if self.closing.is_none() && self.w.out.len() < HIGH_WATER {
                     match self.poll_read(cx) {
                         Poll::Ready(Ok(true)) => {
                             self.last_read = Instant::now();
-                            progress = true;
+                            again = true;
                         }
                         Poll::Ready(Ok(false)) => {
                             tracing::debug!(peer = ?self.peer.addr, "connection closed by the client");
@@ -295,11 +294,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                     self.release(id, n);
                 }
                 self.released = released;
-                progress |= self.run_streams();
+                self.run_streams();
                 if self.draining && self.streams.is_empty() {
                     self.close();
                 }
+                again |= !self.runnable.is_empty();
             }
+            let full = self.w.out.len() >= HIGH_WATER;
             match self.poll_write(cx) {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(e)) => {
@@ -316,7 +317,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                 }
                 return Poll::Pending;
             }
-            if !progress {
+            // Room again: the streams and frames held back by a full buffer go on.
+            again |= full && self.w.out.len() < HIGH_WATER;
+            if !again {
                 return Poll::Pending;
             }
         }
