@@ -27,7 +27,7 @@ use std::{
 
 use futures_util::StreamExt as _;
 use http::{Request, Response};
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::task::TaskTracker;
 use tonic::body::Body;
 use tower_service::Service;
 
@@ -41,6 +41,8 @@ use stream::Shared;
 #[derive(Default)]
 struct Drain {
     started: AtomicBool,
+    /// Close now, whatever is open (the drain's time is up, or `serve` was dropped).
+    forced: AtomicBool,
     connections: Mutex<Vec<Weak<Shared>>>,
 }
 
@@ -63,6 +65,24 @@ impl Drain {
 
     fn started(&self) -> bool {
         self.started.load(Ordering::Acquire)
+    }
+
+    fn force(&self) {
+        self.forced.store(true, Ordering::Release);
+        self.start();
+    }
+
+    fn forced(&self) -> bool {
+        self.forced.load(Ordering::Acquire)
+    }
+}
+
+/// Forces the connections closed when `serve`'s future is dropped.
+struct ForceOnDrop(Arc<Drain>);
+
+impl Drop for ForceOnDrop {
+    fn drop(&mut self) {
+        self.0.force();
     }
 }
 
@@ -162,8 +182,7 @@ where
     let options = Arc::new(options);
     let stop = Arc::new(Drain::default());
     // Dropped (the drain timed out, or the server is gone): every connection ends now.
-    let force = CancellationToken::new();
-    let _force_on_drop = force.clone().drop_guard();
+    let _force_on_drop = ForceOnDrop(Arc::clone(&stop));
     let tracker = TaskTracker::new();
     tokio::pin!(stopping);
     loop {
@@ -187,13 +206,7 @@ where
             Arc::clone(&options),
             Arc::clone(&stop),
         );
-        let force = force.clone();
-        tracker.spawn(async move {
-            tokio::select! {
-                () = connection => {}
-                () = force.cancelled() => {}
-            }
-        });
+        tracker.spawn(connection);
     }
     drop(incoming);
     stop.start();

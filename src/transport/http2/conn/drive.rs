@@ -258,6 +258,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
     /// while they find work: bytes read, or streams made runnable by the last pass.
     fn poll_conn(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         self.shared.task.register(cx.waker());
+        if self.stop.forced() {
+            self.streams.clear();
+            return Poll::Ready(());
+        }
         if self.closing.is_none() {
             self.poll_timers(cx);
         }
