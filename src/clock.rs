@@ -60,7 +60,8 @@ pub fn rfc3339_nanos(unix_nanos: i64) -> String {
     ] {
         out[at] = c;
     }
-    out.iter().map(|&b| char::from(b)).collect()
+    // All ASCII digits and separators.
+    std::str::from_utf8(&out).map_or_else(|_| String::new(), str::to_owned)
 }
 
 /// Howard Hinnant's days-to-civil algorithm (proleptic Gregorian).
