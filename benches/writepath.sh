@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The write path, side by side: for each delivery rate, the efficiency shape (1,000 streams on
+# 50 connections, 10 random symbols of 100 each) on tickerd (its own HTTP/2), on tickerd
+# --http2 hyper, and on the grpc-go reference peer, one after the other. Each run's
+# tickerd-bench report (JSON) gets the server's write syscalls over the measured window
+# (perf's syscalls:sys_enter_{write,writev,sendto,sendmsg} tracepoints), so writes per
+# second per connection and deliveries per write sit beside CPU per delivery and p99.
+#   GO_PEER_DIR=/path/to/go-peer bash benches/writepath.sh [rates...] > writepath.jsonl
+#   python3 benches/plot.py writepath.jsonl > docs/writepath.svg
+# Rates are ticks/s (x100 deliveries/s); default 1000 2000 3000 5000 7000 10000 14000.
+# DURATION (10s) and WARMUP (2s) set each run's length; LAYOUT (random) the layout.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+GO_PEER_DIR=${GO_PEER_DIR:-../shared/reference/go-peer}
+DURATION=${DURATION:-10}
+WARMUP=${WARMUP:-2}
+LAYOUT=${LAYOUT:-random}
+RATES=("$@")
+[ ${#RATES[@]} -gt 0 ] || RATES=(1000 2000 3000 5000 7000 10000 14000)
+cargo build --release --quiet --bin tickerd --bin tickerd-bench
+[ -x "$GO_PEER_DIR/bin/go-peer" ] || "$GO_PEER_DIR/build.sh" --no-test
+perf stat -e syscalls:sys_enter_write -- true >/dev/null 2>&1 ||
+  { echo "benches/writepath.sh: perf with syscall tracepoints is needed (Debian: linux-perf)" >&2; exit 1; }
+
+run() { # server-name port rate command...
+  local name=$1 port=$2 rate=$3; shift 3
+  "$@" > "/tmp/writepath-$name.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+  local counts
+  counts=$(mktemp)
+  ( sleep "$WARMUP"; perf stat -x, -e 'syscalls:sys_enter_write,syscalls:sys_enter_writev,syscalls:sys_enter_sendto,syscalls:sys_enter_sendmsg' \
+      -p "$pid" -- sleep "$DURATION" 2> "$counts" ) &
+  local perf=$!
+  ./target/release/tickerd-bench --server "http://127.0.0.1:$port" --server-pid "$pid" \
+    --layout "$LAYOUT" --rate "$rate" --duration "${DURATION}s" --warmup "${WARMUP}s" --json > "$counts.json" || true
+  wait "$perf" || true
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+  python3 - "$name" "$counts" "$counts.json" "$DURATION" <<'PY'
+import json, sys
+name, counts, report, seconds = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+writes = sum(int(l.split(",")[0]) for l in open(counts) if l.split(",")[0].isdigit())
+try:
+    r = json.load(open(report))
+except ValueError:
+    sys.exit(0)
+step = r["steps"][0]
+conns = r["options"]["conns"]
+per_s = writes / seconds
+step.update(server=name, writes_per_sec=per_s, writes_per_sec_per_conn=per_s / conns,
+            deliveries_per_write=step["delivered_per_sec"] / per_s if per_s else None)
+print(json.dumps(step))
+PY
+  rm -f "$counts" "$counts.json"
+}
+
+for rate in "${RATES[@]}"; do
+  run tickerd 50071 "$rate" ./target/release/tickerd --feed none --listen 127.0.0.1:50071
+  run tickerd-hyper 50072 "$rate" ./target/release/tickerd --feed none --listen 127.0.0.1:50072 --http2 hyper
+  run grpc-go 50061 "$rate" "$GO_PEER_DIR/bin/go-peer" --listen 127.0.0.1:50061
+done
