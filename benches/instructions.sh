@@ -5,6 +5,7 @@
 # 500 ticks/s = 10,000 deliveries/s), measured for 4 s and for 12 s; the difference of the
 # two totals over the difference in deliveries leaves out start-up and connection set-up.
 #   benches/instructions.sh [path/to/tickerd]      (default: target/release/tickerd)
+#   TICKERD_HTTP2=hyper benches/instructions.sh    (the same through hyper and h2)
 # Counts user-space instructions only (no kernel), of all the server's threads, and
 # splits them by the crate of the function that executed them (inlined code counts for
 # the function it was inlined into; "libc" is mostly memcpy called by h2).
@@ -39,7 +40,8 @@ import collections, re, subprocess, sys
 CRATES = [("tickerd", "tickerd"), ("h2::", "h2"), ("slab::", "h2"), ("indexmap", "h2"),
           ("hyper", "hyper"), ("tokio", "tokio"), ("mio::", "tokio"), ("tonic", "tonic/tower"),
           ("tower", "tonic/tower"), ("axum", "tonic/tower"), ("http_body", "tonic/tower"),
-          ("bytes::", "bytes"), ("prost", "prost"), ("tracing", "tracing")]
+          ("bytes::", "bytes"), ("prost", "prost"), ("tracing", "tracing"),
+          ("loona_hpack", "hpack"), ("hashbrown", "std and other")]
 def by_crate(path):
     out = subprocess.run(["callgrind_annotate", "--inclusive=no", "--threshold=100", path],
                          capture_output=True, text=True).stdout
