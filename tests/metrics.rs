@@ -3,9 +3,10 @@
 
 mod common;
 
-use common::{end, publish, ticks, within, Stream, TestServer};
+use common::{end, h2raw::*, publish, ticks, within, Stream, TestServer};
 use prometheus_parse::{Scrape, Value};
-use tickerd::{client::Kind, ops::metrics::StreamView};
+use prost::Message as _;
+use tickerd::{client::Kind, ops::metrics::StreamView, pb::TickerRequest};
 use tonic::Code;
 
 async fn scrape(server: &TestServer) -> Scrape {
@@ -176,9 +177,19 @@ async fn healthz_turns_503_while_draining() {
     );
     let mut client = server.client().await;
     publish(&mut client, ticks("H", 1)).await;
-    // A stalled client with a full window keeps the drain going for the drain timeout.
-    let mut stalled = Stream::open(&mut server.client().await).await;
-    stalled.subscribed("H").await;
+    // A stream that never gets a byte of window cannot be ended: it keeps the drain going
+    // for the drain timeout.
+    let mut stalled = Raw::connect(server.addr, &[(SETTINGS_INITIAL_WINDOW_SIZE, 0)]).await;
+    stalled.open(1).await;
+    let subscribe = TickerRequest::subscribe("H").encode_to_vec();
+    let mut framed = vec![0];
+    framed.extend((subscribe.len() as u32).to_be_bytes());
+    framed.extend(subscribe);
+    stalled.send(&frame(DATA, 0, 1, &framed)).await;
+    common::eventually("the stalled stream is open", || {
+        server.service.active_streams() == 1
+    })
+    .await;
     let mut reading = Stream::open(&mut client).await;
     reading.subscribed("H").await;
     publish(&mut client, ticks("H", 40_000)).await;

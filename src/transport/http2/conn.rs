@@ -104,6 +104,9 @@ struct Stream {
     trailers: Option<HeaderMap>,
     /// `grpc-timeout`, until the response head.
     deadline: Option<Pin<Box<Sleep>>>,
+    /// On `conn_blocked` or `deferred` already: a stream woken again while it waits is
+    /// not listed twice, so the lists stay as long as the stream count.
+    parked: bool,
 }
 
 /// A header block still waiting for its CONTINUATION frames.
@@ -112,6 +115,17 @@ struct Continuing {
     block: BytesMut,
     end_stream: bool,
     frames: usize,
+}
+
+/// A connection on its way out: the buffer is written and the socket shut for writing.
+/// A graceful close (the drain done) then reads and drops until the client closes too,
+/// so that closing with its bytes unread does not reset the connection and lose what was
+/// sent; it keeps writing past `bound`, ended only by the server's drain timeout (the
+/// forced close). An error close gives up at `bound` and reads nothing more.
+struct Closing {
+    bound: Pin<Box<Sleep>>,
+    graceful: bool,
+    shut: bool,
 }
 
 /// What a stream's pass leaves it waiting for.
@@ -207,7 +221,7 @@ pub struct Connection<IO> {
     draining: bool,
     /// Ending: nothing more is read or polled; the buffer is written, then the socket
     /// is shut, by the deadline.
-    closing: Option<Pin<Box<Sleep>>>,
+    closing: Option<Closing>,
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
@@ -291,13 +305,18 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
         }
         tracing::debug!(peer = ?self.peer.addr, code = e.code, reason = e.reason, "HTTP/2 connection error");
         frame::put_goaway(&mut self.w.out, self.last_stream, e.code, e.reason);
-        self.close();
+        self.close(false);
     }
 
-    fn close(&mut self) {
+    /// Ends the connection: see `Closing`.
+    fn close(&mut self, graceful: bool) {
         self.streams.clear();
         let bound = self.options.keepalive_timeout.max(Duration::from_secs(1));
-        self.closing = Some(Box::pin(tokio::time::sleep(bound)));
+        self.closing = Some(Closing {
+            bound: Box::pin(tokio::time::sleep(bound)),
+            graceful,
+            shut: false,
+        });
     }
 
     /// Stops taking streams (GOAWAY NO_ERROR); ends once the open ones have.
@@ -433,7 +452,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
             }
             Frame::GoAway { code, .. } => {
                 if code != frame::NO_ERROR {
-                    self.close();
+                    self.close(false);
                 } else {
                     self.drain();
                 }
@@ -508,7 +527,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                 return Err(frame::error(frame::FLOW_CONTROL_ERROR, "window overflow"));
             }
             if was <= 0 && self.w.conn_window > 0 {
-                self.runnable.append(&mut self.conn_blocked);
+                let mut blocked = std::mem::take(&mut self.conn_blocked);
+                self.unpark(&mut blocked);
             }
             return Ok(());
         }
@@ -680,6 +700,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                 pending: None,
                 trailers: None,
                 deadline,
+                parked: false,
             },
         );
         self.runnable.push(id);

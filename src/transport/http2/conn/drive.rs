@@ -104,23 +104,45 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
         self.shared.take_ready(&mut self.taken);
         self.runnable.append(&mut self.taken);
         if self.w.out.len() < HIGH_WATER {
-            self.runnable.append(&mut self.deferred);
+            let mut deferred = std::mem::take(&mut self.deferred);
+            self.unpark(&mut deferred);
         }
         if self.runnable.is_empty() {
             return;
         }
         let mut runnable = std::mem::take(&mut self.runnable);
         for id in runnable.drain(..) {
-            match self.drive(id) {
+            let parked = self.drive(id);
+            match parked {
                 Parked::Nothing => {}
-                Parked::ConnWindow => self.conn_blocked.push(id),
-                Parked::Buffer => self.deferred.push(id),
+                Parked::ConnWindow | Parked::Buffer => {
+                    let Some(s) = self.streams.get_mut(&id) else {
+                        continue;
+                    };
+                    if !s.parked {
+                        s.parked = true;
+                        match parked {
+                            Parked::ConnWindow => self.conn_blocked.push(id),
+                            _ => self.deferred.push(id),
+                        }
+                    }
+                }
                 Parked::Finished => self.finished(id),
             }
         }
         // Keep the allocation; ids pushed while driving are in `self.runnable`.
         runnable.append(&mut self.runnable);
         self.runnable = runnable;
+    }
+
+    /// Makes the streams of a wait list runnable again.
+    pub(super) fn unpark(&mut self, list: &mut Vec<u32>) {
+        for id in list.iter() {
+            if let Some(s) = self.streams.get_mut(id) {
+                s.parked = false;
+            }
+        }
+        self.runnable.append(list);
     }
 
     /// Our side of stream `id` is done: it goes once the client's is too; a client
@@ -216,7 +238,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
         }
         if let Some(grace) = self.grace.as_mut() {
             if grace.as_mut().poll(cx).is_ready() {
-                self.close();
+                self.close(false);
                 return;
             }
         }
@@ -229,7 +251,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
             } else if self.ping_out {
                 tracing::debug!(peer = ?self.peer.addr, "keepalive PING unanswered; closing");
                 frame::put_goaway(&mut self.w.out, self.last_stream, frame::NO_ERROR, "");
-                self.close();
+                self.close(false);
             } else {
                 frame::put_ping(&mut self.w.out, false, PING);
                 self.ping_out = true;
@@ -250,6 +272,41 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                 // Past the grace, the streams still open are cut.
                 self.age = None;
                 self.grace = Some(grace);
+            }
+        }
+    }
+
+    /// The close (see `Closing`); `Ready` when the connection is done.
+    fn poll_closing(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(closing) = self.closing.as_mut() else {
+            return Poll::Ready(());
+        };
+        let expired = closing.bound.as_mut().poll(cx).is_ready();
+        if !self.w.out.is_empty() {
+            // Still writing (poll_write is registered for the socket's room).
+            return if expired && !closing.graceful {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            };
+        }
+        if !closing.shut {
+            match Pin::new(&mut self.io).poll_shutdown(cx) {
+                Poll::Pending if !expired => return Poll::Pending,
+                Poll::Pending => return Poll::Ready(()),
+                Poll::Ready(_) => closing.shut = true,
+            }
+        }
+        if !closing.graceful {
+            // An error close does not read on: the client may be flooding.
+            return Poll::Ready(());
+        }
+        loop {
+            match self.poll_read(cx) {
+                Poll::Ready(Ok(true)) => self.rbuf.clear(),
+                Poll::Ready(Ok(false)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Pending if expired => return Poll::Ready(()),
+                Poll::Pending => return Poll::Pending,
             }
         }
     }
@@ -300,7 +357,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                 self.released = released;
                 self.run_streams();
                 if self.draining && self.streams.is_empty() {
-                    self.close();
+                    self.close(true);
                 }
                 again |= !self.runnable.is_empty();
             }
@@ -314,12 +371,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                 }
                 Poll::Pending => {}
             }
-            if let Some(closing) = self.closing.as_mut() {
-                if self.w.out.is_empty() || closing.as_mut().poll(cx).is_ready() {
-                    let _ = Pin::new(&mut self.io).poll_shutdown(cx);
-                    return Poll::Ready(());
-                }
-                return Poll::Pending;
+            if self.closing.is_some() {
+                return self.poll_closing(cx);
             }
             // Room again: the streams and frames held back by a full buffer go on.
             again |= full && self.w.out.len() < HIGH_WATER;
