@@ -18,7 +18,7 @@ use http::{Request, Response};
 use http_body_util::{BodyExt as _, Full};
 use libfuzzer_sys::fuzz_target;
 use tickerd::transport::http2::{
-    connection,
+    self, connection,
     frame::{self, Frame, Head},
     Options,
 };
@@ -85,7 +85,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let written = runtime.block_on(async {
         let (mut client, server) = tokio::io::duplex(1 << 16);
-        let serving = tokio::spawn(connection(server, Echo, options));
+        let serving = tokio::spawn(connection(server, http2::boxed(Echo), options));
         let (mut reader, mut writer) = tokio::io::split(&mut client);
         let send = async {
             let _ = writer.write_all(frame::PREFACE).await;

@@ -380,8 +380,10 @@ impl Server {
                     .add_service(reflection_v1alpha)
                     .add_service(ticker)
                     .prepare();
-                let stack = RpcMetricsLayer::new(metrics.clone())
-                    .layer(StreamRoutesLayer::new(service.clone(), limits).layer(routes));
+                let stack = http2::boxed(
+                    RpcMetricsLayer::new(metrics.clone())
+                        .layer(StreamRoutesLayer::new(service.clone(), limits).layer(routes)),
+                );
                 let h2 = http2::Options {
                     max_concurrent_streams: config.max_concurrent_streams,
                     max_header_list_size: config.http2_max_header_list_size,
@@ -394,9 +396,9 @@ impl Server {
                     connection_window: http2::CONNECTION_WINDOW,
                 };
                 let mut shards = Shards::start(others, &options, &metrics, &stop_accepting, {
-                    let (stack, h2) = (stack.clone(), h2.clone());
+                    let (stack, h2) = (Arc::clone(&stack), h2.clone());
                     move |incoming, stopping| {
-                        http2::serve(incoming, stack.clone(), h2.clone(), stopping)
+                        http2::serve(incoming, Arc::clone(&stack), h2.clone(), stopping)
                     }
                 })
                 .map_err(ServerError::IoThread)?;

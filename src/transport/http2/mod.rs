@@ -32,7 +32,8 @@ use tonic::body::Body;
 use tower_service::Service;
 
 use crate::transport::incoming::Incoming;
-use conn::{Connection, Serve};
+use conn::Connection;
+pub use conn::Serve;
 use stream::Shared;
 
 /// Tells every connection of one `serve` to drain: a flag each wake-up reads without a
@@ -110,8 +111,9 @@ pub struct Options {
     pub connection_window: u32,
 }
 
-/// The service as each connection calls it.
-fn boxed<S, B>(service: S) -> Serve
+/// A tower service (tonic's router with the server's layers) as `serve` and
+/// `connection` call it: cheap to clone, once per request.
+pub fn boxed<S, B>(service: S) -> Serve
 where
     S: Service<Request<Body>, Response = Response<B>, Error = Infallible>
         + Clone
@@ -139,46 +141,27 @@ where
 
 /// Serves one connection over `io` until it ends (the `h2_conn` fuzz target drives
 /// it with arbitrary bytes).
-pub async fn connection<IO, S, B>(io: IO, service: S, options: Options)
+pub async fn connection<IO>(io: IO, service: Serve, options: Options)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    S: Service<Request<Body>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let never = Arc::new(Drain::default());
     let peer = crate::auth::PeerInfo {
         addr: None,
         client_subject: None,
     };
-    Connection::new(io, peer, boxed(service), Arc::new(options), never).await
+    Connection::new(io, peer, service, Arc::new(options), never).await
 }
 
 /// Serves `incoming` with `service` until `stopping` resolves, then sends every
 /// connection GOAWAY and returns once they have closed. Dropping the returned future
 /// closes the connections still open.
-pub async fn serve<S, B>(
+pub async fn serve(
     mut incoming: Incoming,
-    service: S,
+    serve: Serve,
     options: Options,
     stopping: impl Future<Output = ()>,
-) -> Result<(), tonic::transport::Error>
-where
-    S: Service<Request<Body>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let serve = boxed(service);
+) -> Result<(), tonic::transport::Error> {
     let options = Arc::new(options);
     let stop = Arc::new(Drain::default());
     // Dropped (the drain timed out, or the server is gone): every connection ends now.
