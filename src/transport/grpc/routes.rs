@@ -22,7 +22,6 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures_core::Stream;
 use http::{header::CONTENT_TYPE, HeaderMap, HeaderValue};
 use http_body::Frame;
-use http_body_util::BodyExt as _;
 use prost::Message;
 use tonic::{body::Body, Request, Status, Streaming};
 use tower_layer::Layer;
@@ -80,13 +79,13 @@ pub struct StreamRoutes<S> {
     limits: MessageLimits,
 }
 
-type Opening = Pin<Box<dyn Future<Output = http::Response<Body>> + Send>>;
+type Opening = Pin<Box<dyn Future<Output = http::Response<RouteBody>> + Send>>;
 
 impl<S> Service<http::Request<Body>> for StreamRoutes<S>
 where
     S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>,
 {
-    type Response = http::Response<Body>;
+    type Response = http::Response<RouteBody>;
     type Error = Infallible;
     type Future = RouteFuture<S::Future>;
 
@@ -128,11 +127,13 @@ impl<F> Future for RouteFuture<F>
 where
     F: Future<Output = Result<http::Response<Body>, Infallible>>,
 {
-    type Output = Result<http::Response<Body>, Infallible>;
+    type Output = Result<http::Response<RouteBody>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
-            RouteProj::Inner { inner } => inner.poll(cx),
+            RouteProj::Inner { inner } => inner
+                .poll(cx)
+                .map(|answer| answer.map(|response| response.map(RouteBody::Other))),
             RouteProj::Ours { opening } => opening.as_mut().poll(cx).map(Ok),
         }
     }
@@ -190,20 +191,60 @@ async fn subscribe(
 fn respond(
     opened: Result<tonic::Response<Session>, Status>,
     limits: MessageLimits,
-) -> http::Response<Body> {
+) -> http::Response<RouteBody> {
     match opened {
         Ok(response) => {
             let (metadata, session, extensions) = response.into_parts();
-            // Boxed here as tonic's own box type, so `Body::new` adds no error mapping.
-            let body = SessionBody::new(session, limits.max_encoding).boxed_unsync();
-            let mut http = http::Response::new(Body::new(body));
+            let body = SessionBody::new(session, limits.max_encoding);
+            let mut http = http::Response::new(RouteBody::Session(body));
             *http.headers_mut() = metadata.into_headers();
             *http.extensions_mut() = extensions;
             http.headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
             http
         }
-        Err(status) => status.into_http(),
+        Err(status) => status.into_http().map(RouteBody::Other),
+    }
+}
+
+/// The response body of any RPC: a session's, or tonic's for every other.
+///
+/// Why an enum, not tonic's boxed body: the connection keeps the body it polls in its
+/// stream table, so a session's body sits there itself; each box on the way (there
+/// were two) was a cold line read per woken stream, and the server's CPU per delivery
+/// goes mostly to such reads.
+#[allow(clippy::large_enum_variant)] // the large one is the common one
+pub enum RouteBody {
+    Session(SessionBody),
+    Other(Body),
+}
+
+impl http_body::Body for RouteBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        match self.get_mut() {
+            RouteBody::Session(body) => Pin::new(body).poll_frame(cx),
+            RouteBody::Other(body) => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RouteBody::Session(body) => body.is_end_stream(),
+            RouteBody::Other(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            RouteBody::Session(body) => body.size_hint(),
+            RouteBody::Other(body) => body.size_hint(),
+        }
     }
 }
 

@@ -24,7 +24,6 @@ use std::{
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, Request, Response};
-use http_body::Body as _;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     time::{Instant, Sleep},
@@ -43,9 +42,21 @@ mod drive;
 mod frames;
 
 /// The service's answer to one request.
-pub type Call = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
+pub type Call<B> = Pin<Box<dyn Future<Output = Response<B>> + Send>>;
 /// The service: a request in, its answer out.
-pub type Serve = Arc<dyn Fn(Request<Body>) -> Call + Send + Sync>;
+pub type Serve<B> = Arc<dyn Fn(Request<Body>) -> Call<B> + Send + Sync>;
+
+/// A response body as the connection keeps it: in its stream table itself, not boxed
+/// (see `grpc::routes::RouteBody` for why).
+pub trait ResponseBody:
+    http_body::Body<Data = Bytes, Error: std::fmt::Display> + Unpin + Send + 'static
+{
+}
+
+impl<T> ResponseBody for T where
+    T: http_body::Body<Data = Bytes, Error: std::fmt::Display> + Unpin + Send + 'static
+{
+}
 
 /// The outbound buffer's bound: past it no stream is polled and the socket is not read.
 const HIGH_WATER: usize = 64 * 1024;
@@ -82,13 +93,13 @@ impl Hasher for IdHasher {
     }
 }
 
-enum Phase {
-    Calling(Call),
-    Body(Body),
+enum Phase<B> {
+    Calling(Call<B>),
+    Body(B),
     Done,
 }
 
-struct Stream {
+struct Stream<B> {
     wake: Arc<StreamWake>,
     waker: Waker,
     /// The request body's sender (none for a request without one): kept until the
@@ -98,7 +109,7 @@ struct Stream {
     recv_open: bool,
     recv_window: i64,
     send_window: i64,
-    phase: Phase,
+    phase: Phase<B>,
     /// DATA polled from the body that the windows did not let out yet.
     pending: Option<Bytes>,
     /// Trailers waiting behind `pending`.
@@ -180,13 +191,13 @@ impl Writer {
 }
 
 /// One connection; a future that ends when the connection does.
-pub struct Connection<IO> {
+pub struct Connection<IO, B> {
     io: IO,
-    serve: Serve,
+    serve: Serve<B>,
     peer: PeerInfo,
     options: Arc<Options>,
     shared: Arc<Shared>,
-    streams: HashMap<u32, Stream, BuildHasherDefault<IdHasher>>,
+    streams: HashMap<u32, Stream<B>, BuildHasherDefault<IdHasher>>,
     decoder: headers::Decoder,
     w: Writer,
     rbuf: BytesMut,
@@ -225,14 +236,14 @@ pub struct Connection<IO> {
     closing: Option<Closing>,
 }
 
-impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
+impl<IO: AsyncRead + AsyncWrite + Unpin, B: ResponseBody> Connection<IO, B> {
     pub fn new(
         io: IO,
         peer: PeerInfo,
-        serve: Serve,
+        serve: Serve<B>,
         options: Arc<Options>,
         stop: Arc<Drain>,
-    ) -> Connection<IO> {
+    ) -> Connection<IO, B> {
         let shared = Arc::new(Shared::default());
         stop.join(&shared);
         let mut w = Writer {
@@ -336,7 +347,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
     /// Forgets stream `id`: its request body ends (with `code` if the client had not
     /// ended it), and the bytes the service never read go back to the connection's
     /// window, so an unread body cannot shrink it for good.
-    fn remove(&mut self, id: u32, code: u32) -> Option<Stream> {
+    fn remove(&mut self, id: u32, code: u32) -> Option<Stream<B>> {
         let mut stream = self.streams.remove(&id)?;
         if let Some(sender) = stream.sender.take() {
             let unread = sender.close(code);

@@ -33,7 +33,7 @@ use tower_service::Service;
 
 use crate::transport::incoming::Incoming;
 use conn::Connection;
-pub use conn::Serve;
+pub use conn::{ResponseBody, Serve};
 use stream::Shared;
 
 /// Tells every connection of one `serve` to drain: a flag each wake-up reads without a
@@ -113,7 +113,7 @@ pub struct Options {
 
 /// A tower service (tonic's router with the server's layers) as `serve` and
 /// `connection` call it: cheap to clone, once per request.
-pub fn boxed<S, B>(service: S) -> Serve
+pub fn boxed<S, B>(service: S) -> Serve<B>
 where
     S: Service<Request<Body>, Response = Response<B>, Error = Infallible>
         + Clone
@@ -121,8 +121,7 @@ where
         + Sync
         + 'static,
     S::Future: Send + 'static,
-    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: ResponseBody,
 {
     Arc::new(move |request| {
         let mut service = service.clone();
@@ -130,7 +129,7 @@ where
             let ready = std::future::poll_fn(|cx| service.poll_ready(cx)).await;
             match ready {
                 Ok(()) => match service.call(request).await {
-                    Ok(response) => response.map(Body::new),
+                    Ok(response) => response,
                     Err(never) => match never {},
                 },
                 Err(never) => match never {},
@@ -141,7 +140,7 @@ where
 
 /// Serves one connection over `io` until it ends (the `h2_conn` fuzz target drives
 /// it with arbitrary bytes).
-pub async fn connection<IO>(io: IO, service: Serve, options: Options)
+pub async fn connection<IO, B: ResponseBody>(io: IO, service: Serve<B>, options: Options)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -156,9 +155,9 @@ where
 /// Serves `incoming` with `service` until `stopping` resolves, then sends every
 /// connection GOAWAY and returns once they have closed. Dropping the returned future
 /// closes the connections still open.
-pub async fn serve(
+pub async fn serve<B: ResponseBody>(
     mut incoming: Incoming,
-    serve: Serve,
+    serve: Serve<B>,
     options: Options,
     stopping: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {

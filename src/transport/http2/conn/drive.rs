@@ -3,7 +3,7 @@
 
 use super::*;
 
-impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
+impl<IO: AsyncRead + AsyncWrite + Unpin, B: ResponseBody> Connection<IO, B> {
     /// Polls stream `id` as far as its windows and the buffer allow.
     fn drive(&mut self, id: u32) -> Parked {
         let Some(s) = self.streams.get_mut(&id) else {
@@ -23,7 +23,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                     if !late {
                         return Parked::Nothing;
                     }
-                    tonic::Status::deadline_exceeded("deadline exceeded").into_http()
+                    // Trailers-only: the status rides in the one HEADERS frame.
+                    let late =
+                        tonic::Status::deadline_exceeded("deadline exceeded").into_http::<()>();
+                    headers::response(late.status(), late.headers(), &mut w.scratch);
+                    w.headers(id, true);
+                    s.phase = Phase::Done;
+                    return Parked::Finished;
                 }
             };
             s.deadline = None;
@@ -386,7 +392,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
     }
 }
 
-impl<IO: AsyncRead + AsyncWrite + Unpin> Future for Connection<IO> {
+impl<IO: AsyncRead + AsyncWrite + Unpin, B: ResponseBody> Future for Connection<IO, B> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {

@@ -4,7 +4,7 @@
 
 use super::*;
 
-impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
+impl<IO: AsyncRead + AsyncWrite + Unpin, B: ResponseBody> Connection<IO, B> {
     pub(super) fn on_frame(&mut self, f: Frame) -> Result<(), Error> {
         match f {
             Frame::Data {
