@@ -130,7 +130,10 @@ where
                     }
                     (record, _) => record,
                 };
-                Ok(response.map(|inner| MeteredBody { inner, record }))
+                Ok(response.map(|inner| MeteredBody {
+                    inner,
+                    record: record.map(Box::new),
+                }))
             }
             Err(e) => {
                 if let Some(r) = record {
@@ -147,7 +150,9 @@ pin_project_lite::pin_project! {
     pub struct MeteredBody<B> {
         #[pin]
         inner: B,
-        record: Option<Record>,
+        // Boxed: the connection keeps a body where it reads it per woken stream, and
+        // this is read once, at the end.
+        record: Option<Box<Record>>,
     }
 
     impl<B> PinnedDrop for MeteredBody<B> {

@@ -99,26 +99,29 @@ enum Phase<B> {
     Done,
 }
 
+/// One stream. Laid out by hand, what a woken stream's pass reads first: the server's
+/// CPU per delivery goes mostly to reading cold lines, one stream after another.
+#[repr(C)]
 struct Stream<B> {
     wake: Arc<StreamWake>,
     waker: Waker,
-    /// The request body's sender (none for a request without one): kept until the
-    /// stream goes, so that what the service never read is given back then.
-    sender: Option<Sender>,
-    /// The client may still send (no END_STREAM yet).
-    recv_open: bool,
-    recv_window: i64,
     send_window: i64,
-    phase: Phase<B>,
     /// DATA polled from the body that the windows did not let out yet.
     pending: Option<Bytes>,
-    /// Trailers waiting behind `pending`.
-    trailers: Option<HeaderMap>,
-    /// `grpc-timeout`, until the response head.
-    deadline: Option<Pin<Box<Sleep>>>,
     /// On `conn_blocked` or `deferred` already: a stream woken again while it waits is
     /// not listed twice, so the lists stay as long as the stream count.
     parked: bool,
+    /// The client may still send (no END_STREAM yet).
+    recv_open: bool,
+    phase: Phase<B>,
+    /// Trailers waiting behind `pending`.
+    trailers: Option<Box<HeaderMap>>,
+    /// The request body's sender (none for a request without one): kept until the
+    /// stream goes, so that what the service never read is given back then.
+    sender: Option<Sender>,
+    recv_window: i64,
+    /// `grpc-timeout`, until the response head.
+    deadline: Option<Pin<Box<Sleep>>>,
 }
 
 /// A header block still waiting for its CONTINUATION frames.

@@ -79,7 +79,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, B: ResponseBody> Connection<IO, B> {
                     Err(f) => {
                         let trailers = f.into_trailers().unwrap_or_default();
                         if s.pending.is_some() {
-                            s.trailers = Some(trailers);
+                            s.trailers = Some(Box::new(trailers));
                         } else {
                             headers::fields(&trailers, &mut w.scratch);
                             w.headers(id, true);
