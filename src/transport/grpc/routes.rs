@@ -5,8 +5,9 @@
 //!
 //! Why: each wake-up of a stream went through tonic's `EncodeBody` and four boxed or
 //! mapped body layers (router, axum, `Grpc`) before reaching the session. Here a woken
-//! stream is one boxed body around the session, which can skip a quiet session
-//! (`Session::is_quiet`) before any work; a lone tick goes out as the hub's own bytes
+//! stream's body is the session's own (`RouteBody::Session`, kept unboxed in the server's
+//! HTTP/2 stream table), which can skip a quiet session (`Session::is_quiet`) before any
+//! work; a lone tick goes out as the hub's own bytes
 //! (`Tick::framed`) without a copy, and an idle stream holds no encode buffer
 //! (`benches/README.md`, changelog, for what each measured). The server installs the layer inside
 //! `observe`'s, so these RPCs are counted like the others.
