@@ -99,8 +99,8 @@ enum Phase<B> {
     Done,
 }
 
-/// One stream. Laid out by hand, what a woken stream's pass reads first: the server's
-/// CPU per delivery goes mostly to reading cold lines, one stream after another.
+/// One stream, laid out by hand with what a woken stream's pass reads first: the
+/// server's CPU per delivery goes mostly to reading cold lines, one stream after another.
 #[repr(C)]
 struct Stream<B> {
     wake: Arc<StreamWake>,
