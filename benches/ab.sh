@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Two (or more) tickerd builds compared on this noisy machine: the builds take turns, run
+# after run, so a slow or fast phase of the VM falls on all of them; then each build's
+# runs and their median. One run: `tickerd --feed none` and tickerd-bench's efficiency
+# shape at RATE ticks/s (5000 = 500k deliveries/s) for DURATION after a 2 s warm-up.
+#   benches/ab.sh RUNS BIN_A BIN_B [BIN...]     e.g. benches/ab.sh 5 /tmp/before /tmp/after
+# RATE (5000), DURATION (6s), LAYOUT (random); server flags after a build's path, quoted:
+#   benches/ab.sh 5 "target/release/tickerd --io-threads 2" target/release/tickerd
+# Prints, per build: each run's "CPU µs per delivery / p99 µs", then the median CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=$1; shift
+RATE=${RATE:-5000}
+DURATION=${DURATION:-6s}
+LAYOUT=${LAYOUT:-random}
+PORT=${PORT:-50074}
+cargo build --release --quiet --bin tickerd-bench
+declare -A runs
+for _ in $(seq "$RUNS"); do
+  for build in "$@"; do
+    # shellcheck disable=SC2086
+    $build --feed none --listen "127.0.0.1:$PORT" > /tmp/ab-server.log 2>&1 &
+    pid=$!
+    for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.1; done
+    report=$(./target/release/tickerd-bench --server "http://127.0.0.1:$PORT" --server-pid "$pid" \
+      --layout "$LAYOUT" --rate "$RATE" --duration "$DURATION" --warmup 2s --json)
+    kill "$pid"; wait "$pid" 2>/dev/null || true
+    run=$(python3 -c 'import json,sys; s=json.loads(sys.argv[1])["steps"][0]
+print("%.3f/%d" % (s["server_cpu_us_per_delivery"], s["latency_us"]["p99"]))' "$report")
+    runs[$build]="${runs[$build]:-} $run"
+  done
+done
+for build in "$@"; do
+  median=$(echo "${runs[$build]}" | tr ' ' '\n' | grep . | cut -d/ -f1 | sort -n |
+    awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}')
+  echo "$build:${runs[$build]}  median $median µs"
+done
