@@ -5,7 +5,7 @@
 //!
 //! Why: each wake-up of a stream went through tonic's `EncodeBody` and four boxed or
 //! mapped body layers (router, axum, `Grpc`) before reaching the session. Here a woken
-//! stream's body is the session's own (`RouteBody::Session`, kept unboxed in the server's
+//! stream's body is the session's own (`RouteBody`'s left side, kept unboxed in the server's
 //! HTTP/2 stream table), which can skip a quiet session (`Session::is_quiet`) before any
 //! work; a lone tick goes out as the hub's own bytes
 //! (`Tick::framed`) without a copy, and an idle stream holds no encode buffer
@@ -23,6 +23,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures_core::Stream;
 use http::{header::CONTENT_TYPE, HeaderMap, HeaderValue};
 use http_body::Frame;
+use http_body_util::Either;
 use prost::Message;
 use tonic::{body::Body, Request, Status, Streaming};
 use tower_layer::Layer;
@@ -134,7 +135,7 @@ where
         match self.project() {
             RouteProj::Inner { inner } => inner
                 .poll(cx)
-                .map(|answer| answer.map(|response| response.map(RouteBody::Other))),
+                .map(|answer| answer.map(|response| response.map(Either::Right))),
             RouteProj::Ours { opening } => opening.as_mut().poll(cx).map(Ok),
         }
     }
@@ -197,57 +198,24 @@ fn respond(
         Ok(response) => {
             let (metadata, session, extensions) = response.into_parts();
             let body = SessionBody::new(session, limits.max_encoding);
-            let mut http = http::Response::new(RouteBody::Session(body));
+            let mut http = http::Response::new(Either::Left(body));
             *http.headers_mut() = metadata.into_headers();
             *http.extensions_mut() = extensions;
             http.headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
             http
         }
-        Err(status) => status.into_http().map(RouteBody::Other),
+        Err(status) => status.into_http().map(Either::Right),
     }
 }
 
-/// The response body of any RPC: a session's, or tonic's for every other.
+/// The response body of any RPC: a session's (left), or tonic's for every other (right).
 ///
-/// Why an enum, not tonic's boxed body: the connection keeps the body it polls in its
+/// Why not tonic's boxed body: the connection keeps the body it polls in its
 /// stream table, so a session's body sits there itself; each box on the way (there
 /// were two) was a cold line read per woken stream, and the server's CPU per delivery
 /// goes mostly to such reads.
-#[allow(clippy::large_enum_variant)] // the large one is the common one
-pub enum RouteBody {
-    Session(SessionBody),
-    Other(Body),
-}
-
-impl http_body::Body for RouteBody {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        match self.get_mut() {
-            RouteBody::Session(body) => Pin::new(body).poll_frame(cx),
-            RouteBody::Other(body) => Pin::new(body).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            RouteBody::Session(body) => body.is_end_stream(),
-            RouteBody::Other(body) => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        match self {
-            RouteBody::Session(body) => body.size_hint(),
-            RouteBody::Other(body) => body.size_hint(),
-        }
-    }
-}
+pub type RouteBody = Either<SessionBody, Body>;
 
 /// A session's response body: every message it has ready, gRPC-framed, in one chunk;
 /// then the trailers with the status it ended with.
