@@ -44,8 +44,30 @@ fn options(server: &TestServer, extra: &[&str]) -> Options {
 
 #[tokio::test]
 async fn every_published_tick_is_counted_delivered_with_its_latency() {
+    // The default reader: the load generator's own HTTP/2 frames.
+    every_tick_counted(&[]).await;
+}
+
+#[tokio::test]
+async fn the_tonic_reader_counts_the_same() {
+    every_tick_counted(&["--reader", "tonic"]).await;
+}
+
+#[tokio::test]
+async fn the_frames_reader_refuses_https_with_a_hint() {
     let server = TestServer::start().await;
-    let Report::Run { steps, slow, .. } = loadgen::run(options(&server, &[])).await.unwrap() else {
+    let mut opts = options(&server, &[]);
+    opts.servers = vec![server.url().replace("http://", "https://")];
+    let Err(err) = loadgen::run(opts).await else {
+        panic!("https with --reader frames must fail");
+    };
+    assert!(err.to_string().contains("--reader tonic"), "{err}");
+}
+
+async fn every_tick_counted(extra: &[&str]) {
+    let server = TestServer::start().await;
+    let Report::Run { steps, slow, .. } = loadgen::run(options(&server, extra)).await.unwrap()
+    else {
         panic!("a run report was expected");
     };
     assert!(slow.is_none());

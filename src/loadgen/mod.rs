@@ -6,6 +6,8 @@
 //! delivery or p99 fails (`--ramp`), slow consumers among fast ones (`--slow-streams`),
 //! and idle scale (`--idle-streams`, resident memory per stream).
 
+mod fleet;
+mod frames;
 mod procfs;
 mod publisher;
 mod reader;
@@ -20,7 +22,6 @@ use std::{
 
 use clap::{Args, ValueEnum};
 use futures_util::{stream, StreamExt};
-use rand::{rngs::SmallRng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -28,6 +29,7 @@ use crate::{
     clock,
     pb::{GetQuotesRequest, PublishRequest},
 };
+use fleet::{frames_reader, open_fleet, plaintext_authority};
 use publisher::PublishCounts;
 use reader::{Conn, Reader, SharedStats, StepStats};
 pub use report::{IdleReport, Report, SlowReport, StepReport};
@@ -124,6 +126,13 @@ pub struct Options {
     /// With --web: the `ticker.v1+proto` binary subprotocol instead of JSON.
     #[arg(long, requires = "web")]
     pub web_binary: bool,
+    /// How the reading streams read. `frames`: one task per connection over the load
+    /// generator's own HTTP/2 reader, the cheapest to run, so the tool takes the least CPU
+    /// from a server sharing its machine (plaintext servers only). `tonic`: a tonic client
+    /// per connection and a task per stream, as an application would read. Slow streams,
+    /// idle streams and https servers always use tonic.
+    #[arg(long, value_enum, default_value_t = ReaderKind::Frames)]
+    pub reader: ReaderKind,
     /// Print the report as JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -199,24 +208,24 @@ fn step_of(cell: &ScheduleCell, t: i64) -> usize {
     cell.get().map_or(usize::MAX, |s| s.step_of(t))
 }
 
-/// The subscribing streams. The fast (reading) ones share one set of statistics, and the
-/// slow ones another: a histogram per stream would be 1,000 cold ones (~24 KB each at
-/// this range), each tick's record a cache miss in the tool that should cost the least.
-struct Fleet {
-    fast: SharedStats,
-    fast_tasks: Vec<tokio::task::JoinHandle<reader::CatchUp>>,
-    slow: SharedStats,
-    slow_tasks: Vec<tokio::task::JoinHandle<reader::CatchUp>>,
-    /// Fast (reading) subscribers per symbol index.
-    subscribers: Vec<u64>,
-}
-
 /// Runs the scenario the options describe and returns its report.
 pub async fn run(opts: Options) -> Result<Report, Error> {
     let table = Arc::new(SymbolTable::numbered(opts.symbols));
     let symbols: Arc<Vec<String>> = Arc::new(table.names().to_vec());
-    let mut channels = Vec::with_capacity(opts.conns.max(1));
-    for i in 0..opts.conns.max(1) {
+    if frames_reader(&opts) {
+        // Before connecting, so an https server gets the hint, not a handshake error.
+        for server in &opts.servers {
+            plaintext_authority(server)?;
+        }
+    }
+    // The own reader needs a tonic connection only to publish (and for slow streams).
+    let tonic_conns = if frames_reader(&opts) && opts.slow_streams == 0 {
+        1
+    } else {
+        opts.conns.max(1)
+    };
+    let mut channels = Vec::with_capacity(tonic_conns);
+    for i in 0..tonic_conns {
         let server = &opts.servers[i % opts.servers.len().max(1)];
         let endpoint =
             client::endpoint(server.clone())?.initial_stream_window_size(opts.stream_window);
@@ -323,6 +332,9 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
     for task in fleet.fast_tasks {
         let _ = task.await;
     }
+    for task in fleet.fast_conns {
+        let _ = task.await;
+    }
     Ok(Report::Run {
         options: report::OptionsEcho::from(&opts),
         steps,
@@ -330,84 +342,18 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
     })
 }
 
+/// How the reading streams read (`--reader`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReaderKind {
+    Frames,
+    Tonic,
+}
+
 /// How streams pick their symbols (`--layout`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Layout {
     Random,
     Blocks,
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn open_fleet(
-    opts: &Options,
-    channels: &[Channel],
-    table: &Arc<SymbolTable>,
-    cell: &ScheduleCell,
-    stop: &CancellationToken,
-    resume: &CancellationToken,
-    until: &Arc<OnceLock<Vec<u64>>>,
-) -> Result<Fleet, Error> {
-    let buckets = if opts.ramp { opts.ramp_steps.max(1) } else { 1 };
-    let subs_per_stream = opts.subs_per_stream.max(1);
-    let mut subscribers = vec![0u64; table.len()];
-    let fast: SharedStats = Arc::new(Mutex::new(vec![StepStats::new(); buckets]));
-    let slow_stats: SharedStats = Arc::new(Mutex::new(vec![StepStats::new(); buckets]));
-    let mut plans = Vec::new();
-    // Fixed seed: the same flags give the same subscriptions, run after run.
-    let mut rng = SmallRng::seed_from_u64(1);
-    for j in 0..opts.streams {
-        let indices: Vec<usize> = match opts.layout {
-            Layout::Random => {
-                rand::seq::index::sample(&mut rng, table.len(), subs_per_stream.min(table.len()))
-                    .into_vec()
-            }
-            Layout::Blocks => (0..subs_per_stream)
-                .map(|k| (j * subs_per_stream + k) % table.len())
-                .collect(),
-        };
-        let slow = j < opts.slow_streams;
-        if !slow {
-            indices.iter().for_each(|&i| subscribers[i] += 1);
-        }
-        let stats = if slow { &slow_stats } else { &fast };
-        plans.push((j, indices, stats.clone(), slow));
-    }
-    let opened: Vec<_> = stream::iter(plans)
-        .map(|(j, subs, stats, slow)| {
-            let conn = match &opts.web {
-                Some(url) => Conn::Web(url.clone(), opts.web_binary),
-                None => Conn::Grpc(channels[j % channels.len()].clone()),
-            };
-            let reader = Reader {
-                symbols: subs,
-                table: table.clone(),
-                stats: stats.clone(),
-                resume: slow.then(|| resume.clone()),
-                stop: stop.clone(),
-                schedule: cell.clone(),
-            };
-            let until = until.clone();
-            async move { reader.start(conn, until).await.map(|task| (task, slow)) }
-        })
-        .buffer_unordered(64)
-        .collect()
-        .await;
-    let mut fleet = Fleet {
-        fast,
-        fast_tasks: Vec::new(),
-        slow: slow_stats,
-        slow_tasks: Vec::new(),
-        subscribers,
-    };
-    for r in opened {
-        let (task, slow) = r?;
-        if slow {
-            fleet.slow_tasks.push(task);
-        } else {
-            fleet.fast_tasks.push(task);
-        }
-    }
-    Ok(fleet)
 }
 
 fn step_stats(stats: &SharedStats, step: usize) -> StepStats {

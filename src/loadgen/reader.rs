@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     step_of,
     websocket::{self, Responses},
-    wire::{self, SymbolTable},
+    wire::{self, Seen, SymbolTable},
     ScheduleCell,
 };
 use crate::{client::Kind, clock, pb::TickerRequest};
@@ -61,7 +61,7 @@ pub struct SymbolTrack {
     pub snapshot_seq: u64,
     pub last_seq: u64,
     /// Ticks a KIND_LAGGED announced just before the next tick.
-    announced: u64,
+    pub(super) announced: u64,
     pub received: u64,
     pub dropped: u64,
 }
@@ -131,20 +131,8 @@ impl Reader {
                 .message()
                 .await?
                 .ok_or_else(|| tonic::Status::unavailable("stream ended during subscribe"))?;
-            let track = msg.symbol.and_then(|i| find(&mut tracks, i));
-            match (msg.kind(), track) {
-                (Kind::Subscribed, Some(_)) => acked += 1,
-                (Kind::Snapshot, Some(track)) => {
-                    track.last_seq = msg.seq;
-                    track.snapshot_seq = msg.seq;
-                }
-                (Kind::Rejected, _) => {
-                    return Err(tonic::Status::failed_precondition(format!(
-                        "a subscription was rejected: {}",
-                        msg.detail
-                    )))
-                }
-                _ => {}
+            if subscribing(&mut tracks, &msg).map_err(tonic::Status::failed_precondition)? {
+                acked += 1;
             }
         }
         let task = tokio::spawn(async move {
@@ -167,44 +155,9 @@ impl Reader {
                 };
                 let Ok(Some(msg)) = msg else { break };
                 let now = clock::now_unix_nanos();
-                let Some(track) = msg.symbol.and_then(|i| find(&mut tracks, i)) else {
-                    continue;
-                };
-                match msg.kind() {
-                    Kind::Tick => {
-                        let gap = msg.seq.saturating_sub(track.last_seq + 1);
-                        let step = step_of(&self.schedule, msg.event_time_unix_nanos);
-                        let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
-                        if let Some(s) = stats.get_mut(step) {
-                            if track.last_seq > 0 && gap != track.announced {
-                                s.unannounced_gaps += 1;
-                            }
-                            s.delivered += 1;
-                            let latency_us = (now - msg.event_time_unix_nanos) / 1000;
-                            let _ = s.latency_us.record(latency_us.max(1) as u64);
-                        }
-                        drop(stats);
-                        track.last_seq = msg.seq;
-                        track.announced = 0;
-                        track.received += 1;
-                    }
-                    Kind::Snapshot => {
-                        track.last_seq = msg.seq;
-                        track.snapshot_seq = msg.seq;
-                    }
-                    Kind::Lagged => {
-                        track.announced = msg.dropped;
-                        track.dropped += msg.dropped;
-                        let step = step_of(&self.schedule, now);
-                        let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
-                        // Slow streams catch up after the schedule: count in the last step.
-                        let last = stats.len().saturating_sub(1);
-                        if let Some(s) = stats.get_mut(step.min(last)) {
-                            s.lag_notices += 1;
-                            s.dropped += msg.dropped;
-                        }
-                    }
-                    _ => {}
+                {
+                    let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+                    record(&mut tracks, &msg, now, &self.schedule, &mut stats);
                 }
                 if let Some(target) = until.get() {
                     if tracks
@@ -218,6 +171,71 @@ impl Reader {
             tracks
         });
         Ok(task)
+    }
+}
+
+/// What a message before the subscription acks does to a stream's tracks: true for an
+/// ack, an error for a rejection (the run cannot measure what it asked for).
+pub(super) fn subscribing(tracks: &mut [SymbolTrack], msg: &Seen) -> Result<bool, String> {
+    let track = msg.symbol.and_then(|i| find(tracks, i));
+    match (msg.kind(), track) {
+        (Kind::Subscribed, Some(_)) => return Ok(true),
+        (Kind::Snapshot, Some(track)) => {
+            track.last_seq = msg.seq;
+            track.snapshot_seq = msg.seq;
+        }
+        (Kind::Rejected, _) => {
+            return Err(format!("a subscription was rejected: {}", msg.detail));
+        }
+        _ => {}
+    }
+    Ok(false)
+}
+
+/// What a message on a live stream does to its tracks and to the statistics of the step
+/// it counts in; `now` is when it arrived.
+pub(super) fn record(
+    tracks: &mut [SymbolTrack],
+    msg: &Seen,
+    now: i64,
+    schedule: &ScheduleCell,
+    stats: &mut [StepStats],
+) {
+    let Some(track) = msg.symbol.and_then(|i| find(tracks, i)) else {
+        return;
+    };
+    match msg.kind() {
+        Kind::Tick => {
+            let gap = msg.seq.saturating_sub(track.last_seq + 1);
+            let step = step_of(schedule, msg.event_time_unix_nanos);
+            if let Some(s) = stats.get_mut(step) {
+                if track.last_seq > 0 && gap != track.announced {
+                    s.unannounced_gaps += 1;
+                }
+                s.delivered += 1;
+                let latency_us = (now - msg.event_time_unix_nanos) / 1000;
+                let _ = s.latency_us.record(latency_us.max(1) as u64);
+            }
+            track.last_seq = msg.seq;
+            track.announced = 0;
+            track.received += 1;
+        }
+        Kind::Snapshot => {
+            track.last_seq = msg.seq;
+            track.snapshot_seq = msg.seq;
+        }
+        Kind::Lagged => {
+            track.announced = msg.dropped;
+            track.dropped += msg.dropped;
+            let step = step_of(schedule, now);
+            // Slow streams catch up after the schedule: count in the last step.
+            let last = stats.len().saturating_sub(1);
+            if let Some(s) = stats.get_mut(step.min(last)) {
+                s.lag_notices += 1;
+                s.dropped += msg.dropped;
+            }
+        }
+        _ => {}
     }
 }
 

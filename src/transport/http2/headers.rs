@@ -167,11 +167,16 @@ pub fn response(status: StatusCode, headers: &HeaderMap, out: &mut Vec<u8>) {
 /// Trailers (or the headers of a trailers-only response, with `response` first).
 pub fn fields(headers: &HeaderMap, out: &mut Vec<u8>) {
     for (name, value) in headers {
-        // Literal without indexing, new name (RFC 7541 6.2.2).
-        out.push(0x00);
-        string(out, name.as_str().as_bytes());
-        string(out, value.as_bytes());
+        literal(name.as_str().as_bytes(), value.as_bytes(), out);
     }
+}
+
+/// One field as a literal without indexing, new name (RFC 7541 6.2.2); also how the
+/// load generator's own reader writes its requests' pseudo-headers.
+pub fn literal(name: &[u8], value: &[u8], out: &mut Vec<u8>) {
+    out.push(0x00);
+    string(out, name);
+    string(out, value);
 }
 
 /// A string literal, not Huffman-coded (RFC 7541 5.2).
