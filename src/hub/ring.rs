@@ -326,6 +326,11 @@ impl Bell {
         self.state.rung.load(Ordering::Acquire)
     }
 
+    /// The hint bits marked since the last take, left in place.
+    pub fn peek_news(&self) -> u64 {
+        self.state.news.load(Ordering::Relaxed)
+    }
+
     /// The hint bits marked since the last take (see `Receiver::set_hint`).
     pub fn take_news(&self) -> u64 {
         self.state.news.swap(0, Ordering::SeqCst)

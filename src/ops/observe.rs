@@ -165,6 +165,12 @@ pin_project_lite::pin_project! {
     }
 }
 
+impl<B> MeteredBody<B> {
+    pub fn inner(&self) -> &B {
+        &self.inner
+    }
+}
+
 impl<B: Body<Data = Bytes>> Body for MeteredBody<B> {
     type Data = Bytes;
     type Error = B::Error;

@@ -90,6 +90,30 @@ impl Session {
             && !self.expiry.as_ref().is_some_and(|e| e.is_elapsed())
     }
 
+    /// Reads what a poll with news reads first, down to the subscriptions the news names
+    /// (see `transport::http2::ResponseBody::warm`), and returns a sum of it.
+    pub fn warm(&self, depth: u8) -> u64 {
+        match depth {
+            // The session's first lines: flags, hints, and where its subscriptions are.
+            0 => return self.todo ^ self.always ^ self.subs.len() as u64,
+            // The bell's news.
+            1 => return self.bell.peek_news(),
+            _ => {}
+        }
+        let hinted = self.todo | self.always | self.bell.peek_news();
+        let mut sum = hinted;
+        for idx in Bits(hinted).take(4) {
+            if let Some(sub) = self.subs.get(idx) {
+                // Both ends of the entry: it may straddle two lines.
+                sum = sum.wrapping_add(sub.last_seq) ^ u64::from(sub.warned);
+                if let Feed::Channel { taken, .. } = &sub.feed {
+                    sum = sum.wrapping_add(taken.len() as u64);
+                }
+            }
+        }
+        sum
+    }
+
     /// One round-robin pass of `poll_ticks`; `due` gathers when the earliest CONFLATE
     /// message that is not due yet falls due.
     pub(super) fn next_live(
@@ -252,6 +276,31 @@ mod tests {
         session::SessionLimits,
         shutdown::Shutdown,
     };
+
+    #[test]
+    fn warming_reads_the_news_without_taking_it() {
+        let hub = Hub::new(HubConfig::default());
+        let symbols: Vec<String> = (0..70).map(|i| format!("S{i}")).collect();
+        for s in &symbols {
+            hub.publish(s, 1.0, 0).unwrap();
+        }
+        // Past 64 subscriptions hint bits alias; warming must stay in bounds.
+        let mut s = session_until(&hub, &Shutdown::new(), 100);
+        for name in &symbols {
+            s.subscribe(name);
+        }
+        drain(&mut s);
+        for name in ["S3", "S69"] {
+            hub.publish(name, 2.0, 0).unwrap();
+        }
+        let news = s.bell.peek_news();
+        assert_ne!(news, 0);
+        for depth in 0..4 {
+            std::hint::black_box(s.warm(depth));
+        }
+        assert_eq!(s.bell.peek_news(), news, "warming takes nothing");
+        assert_eq!(kinds(&drain(&mut s)), [(Kind::Tick, 2), (Kind::Tick, 2)]);
+    }
 
     #[test]
     fn quiet_only_until_a_tick_shutdown_or_conflate_subscription() {

@@ -31,8 +31,10 @@ use tower_service::Service;
 
 use super::{codec::RequestDecoder, service::TickerService};
 use crate::{
+    ops::observe::MeteredBody,
     pb::{ticker_stream_service_server::TickerStreamService, SubscribeRequest, TickerRequest},
     session::{Outbound, Session},
+    transport::http2::ResponseBody,
     wire::{put_grpc_message, GRPC_PREFIX},
 };
 
@@ -217,6 +219,21 @@ fn respond(
 /// goes mostly to such reads.
 pub type RouteBody = Either<SessionBody, Body>;
 
+impl ResponseBody for RouteBody {
+    fn warm(&self, depth: u8) -> u64 {
+        match self {
+            Either::Left(session) => session.warm(depth),
+            Either::Right(_) => 0,
+        }
+    }
+}
+
+impl ResponseBody for MeteredBody<RouteBody> {
+    fn warm(&self, depth: u8) -> u64 {
+        self.inner().warm(depth)
+    }
+}
+
 /// A session's response body: every message it has ready, gRPC-framed, in one chunk;
 /// then the trailers with the status it ended with.
 #[repr(C)]
@@ -246,6 +263,14 @@ impl SessionBody {
             done: false,
             max_message,
         }
+    }
+
+    /// See `ResponseBody::warm`.
+    fn warm(&self, depth: u8) -> u64 {
+        if self.done {
+            return 0;
+        }
+        self.session.warm(depth)
     }
 
     fn ready_len(&self) -> usize {
