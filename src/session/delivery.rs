@@ -6,7 +6,7 @@
 
 use std::{
     future::Future as _,
-    sync::Arc,
+    sync::{atomic::Ordering, Arc},
     task::{Context, Poll},
     time::Duration,
 };
@@ -96,8 +96,14 @@ impl Session {
         match depth {
             // The session's first lines: flags, hints, and where its subscriptions are.
             0 => return self.todo ^ self.always ^ self.subs.len() as u64,
-            // The bell's news.
-            1 => return self.bell.peek_news(),
+            // The bell's news, and the `/streams` counters the poll's `fold` stores to:
+            // a store to a line not in cache stalls the next locked instruction.
+            1 => {
+                let info = &self.ticket.info;
+                return self.bell.peek_news()
+                    ^ info.sent.load(Ordering::Relaxed)
+                    ^ info.lag_notices.load(Ordering::Relaxed);
+            }
             _ => {}
         }
         let hinted = self.todo | self.always | self.bell.peek_news();

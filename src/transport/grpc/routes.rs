@@ -236,21 +236,25 @@ impl ResponseBody for MeteredBody<RouteBody> {
 
 /// A session's response body: every message it has ready, gRPC-framed, in one chunk;
 /// then the trailers with the status it ended with.
+///
+/// `repr(C)`, in this order: what every poll reads is on the struct's first line, next to
+/// the session's first fields (see `Session`), so a woken stream's poll starts with one
+/// line of it, not three.
 #[repr(C)]
 pub struct SessionBody {
-    // In this order so that a quiet poll reads one line of this struct and the
-    // session's first ones (see `Session`).
     done: bool,
-    /// How the stream ended, once it has; sent as trailers after the data in hand.
-    end: Option<Status>,
     max_message: usize,
-    session: Session,
+    /// How the stream ended, once it has; sent as trailers after the data in hand.
+    /// Boxed: it is set once per stream, and a `Status` inline was 170 bytes between
+    /// the fields every poll reads.
+    end: Option<Box<Status>>,
     /// A tick that is the only message so far: sent as the hub's bytes unless another
     /// message joins it.
     lone: Option<Bytes>,
     /// Messages framed since the last chunk (allocated on first use: an idle stream
     /// holds none).
     buf: BytesMut,
+    session: Session,
 }
 
 impl SessionBody {
@@ -317,9 +321,15 @@ impl SessionBody {
         Ok(())
     }
 
+    /// The messages in hand as one chunk. The buffer's bytes are copied out, not split
+    /// off: the connection copies a chunk into its own buffer and drops it at once, and
+    /// a split would share the buffer through a reference count on a line of its own
+    /// (a cache miss and two locked instructions per chunk, in `perf annotate`).
     fn take_chunk(&mut self) -> Option<Bytes> {
         if !self.buf.is_empty() {
-            return Some(self.buf.split().freeze());
+            let chunk = Bytes::copy_from_slice(&self.buf);
+            self.buf.clear();
+            return Some(chunk);
         }
         self.lone.take()
     }
@@ -344,11 +354,11 @@ impl http_body::Body for SessionBody {
             match Pin::new(&mut this.session).poll_next(cx) {
                 Poll::Ready(Some(Ok(out))) => {
                     if let Err(status) = this.push(out) {
-                        this.end = Some(status);
+                        this.end = Some(Box::new(status));
                     }
                 }
-                Poll::Ready(Some(Err(status))) => this.end = Some(status),
-                Poll::Ready(None) => this.end = Some(Status::ok("")),
+                Poll::Ready(Some(Err(status))) => this.end = Some(Box::new(status)),
+                Poll::Ready(None) => this.end = Some(Box::new(Status::ok(""))),
                 Poll::Pending => break,
             }
         }
