@@ -1,7 +1,7 @@
 //! The connection's life on the server's own HTTP/2, seen from a raw client:
 //! `--max-connection-age` sends GOAWAY `NO_ERROR` while the open stream goes on, and the
 //! connection ends after the grace; at shutdown, GOAWAY and the stream's UNAVAILABLE
-//! trailers.
+//! trailers; a stream window smaller than a message.
 
 mod common;
 
@@ -96,5 +96,76 @@ async fn shutdown_sends_goaway_and_ends_the_stream_with_unavailable() {
     assert!(
         trailers_end,
         "the stream did not end with UNAVAILABLE trailers"
+    );
+}
+
+/// A stream window smaller than a message: what fits goes straight into the
+/// connection's buffer, what does not is split over DATA frames as the window opens,
+/// and the client reassembles every tick once, in order, never past its window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_smaller_than_a_message_splits_it_and_loses_nothing() {
+    use tickerd::pb::{ticker_response::Kind, TickerResponse};
+    const WINDOW: u32 = 100;
+    const TICKS: usize = 60;
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    common::publish(&mut client, common::ticks("SPLIT", 1)).await;
+    let mut raw = Raw::connect(server.addr, &[(SETTINGS_INITIAL_WINDOW_SIZE, WINDOW)]).await;
+    raw.open(1).await;
+    raw.send(&frame(DATA, 0, 1, &subscribe("SPLIT"))).await;
+
+    let mut bytes = Vec::new();
+    let mut messages = Vec::new();
+    let mut window = i64::from(WINDOW);
+    let mut published = false;
+    let until = tokio::time::Instant::now() + WAIT;
+    while messages
+        .iter()
+        .filter(|m: &&TickerResponse| m.kind() == Kind::Tick)
+        .count()
+        < TICKS
+    {
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        let Some((kind, _, stream, payload)) = raw.next_frame(left).await else {
+            panic!("{} of {TICKS} ticks before the end", messages.len());
+        };
+        if kind != DATA || stream != 1 {
+            continue;
+        }
+        window -= payload.len() as i64;
+        assert!(window >= 0, "a DATA frame past the stream's window");
+        bytes.extend_from_slice(&payload);
+        while bytes.len() >= 5 {
+            let len = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;
+            if bytes.len() < 5 + len {
+                break;
+            }
+            let msg: Vec<u8> = bytes.drain(..5 + len).skip(5).collect();
+            messages.push(TickerResponse::decode(&msg[..]).expect("a whole message"));
+        }
+        if !published && messages.iter().any(|m| m.kind() == Kind::Subscribed) {
+            // Many ticks queued at once, so the window, not the feed, decides the frames.
+            common::publish(&mut client, common::ticks("SPLIT", TICKS)).await;
+            published = true;
+        }
+        // Grant back only what this frame took: the window stays under a message's
+        // size, so messages keep straddling its edge.
+        let grant = payload.len() as u32;
+        raw.send(&frame(WINDOW_UPDATE, 0, 1, &grant.to_be_bytes()))
+            .await;
+        raw.send(&frame(WINDOW_UPDATE, 0, 0, &grant.to_be_bytes()))
+            .await;
+        window += i64::from(grant);
+    }
+    let seqs: Vec<u64> = messages
+        .iter()
+        .filter(|m| m.kind() == Kind::Tick)
+        .map(|m| m.seq)
+        .collect();
+    let first = seqs[0];
+    assert_eq!(
+        seqs,
+        (first..first + TICKS as u64).collect::<Vec<_>>(),
+        "every tick once, in order"
     );
 }

@@ -169,6 +169,12 @@ impl<B> MeteredBody<B> {
     pub fn inner(&self) -> &B {
         &self.inner
     }
+
+    /// The body itself, for what it writes without frames (data only: the trailers,
+    /// which this counts, still come through `poll_frame`).
+    pub fn inner_mut(&mut self) -> &mut B {
+        &mut self.inner
+    }
 }
 
 impl<B: Body<Data = Bytes>> Body for MeteredBody<B> {

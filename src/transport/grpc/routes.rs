@@ -34,7 +34,7 @@ use crate::{
     ops::observe::MeteredBody,
     pb::{ticker_stream_service_server::TickerStreamService, SubscribeRequest, TickerRequest},
     session::{Outbound, Session},
-    transport::http2::ResponseBody,
+    transport::http2::{Appended, ResponseBody},
     wire::{put_grpc_message, GRPC_PREFIX},
 };
 
@@ -226,11 +226,32 @@ impl ResponseBody for RouteBody {
             Either::Right(_) => 0,
         }
     }
+
+    fn poll_append(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut BytesMut,
+        room: usize,
+    ) -> Poll<Appended> {
+        match self {
+            Either::Left(session) => session.poll_append(cx, out, room),
+            Either::Right(_) => Poll::Ready(Appended::UseFrame),
+        }
+    }
 }
 
 impl ResponseBody for MeteredBody<RouteBody> {
     fn warm(&self, depth: u8) -> u64 {
         self.inner().warm(depth)
+    }
+
+    fn poll_append(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut BytesMut,
+        room: usize,
+    ) -> Poll<Appended> {
+        self.inner_mut().poll_append(cx, out, room)
     }
 }
 
@@ -332,6 +353,69 @@ impl SessionBody {
             return Some(chunk);
         }
         self.lone.take()
+    }
+}
+
+impl SessionBody {
+    /// `ResponseBody::poll_append`: the session's messages framed straight into the
+    /// connection's buffer while they fit `room` (and `YIELD_AT`). What is left over
+    /// (a message that did not fit, the end) stays here for `poll_frame`, which sends
+    /// it first.
+    fn poll_append(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut BytesMut,
+        room: usize,
+    ) -> Poll<Appended> {
+        if self.done || self.end.is_some() || self.ready_len() > 0 {
+            return Poll::Ready(Appended::UseFrame);
+        }
+        if self.session.is_quiet(cx) {
+            return Poll::Pending;
+        }
+        let start = out.len();
+        let room = room.min(YIELD_AT);
+        loop {
+            let written = out.len() - start;
+            if written >= room {
+                break;
+            }
+            match Pin::new(&mut self.session).poll_next(cx) {
+                Poll::Ready(Some(Ok(msg))) => {
+                    let len = match &msg {
+                        Outbound::Tick(tick) => tick.framed.len(),
+                        Outbound::Message(m) => GRPC_PREFIX + m.encoded_len(),
+                    };
+                    if let Err(status) = self.check_size(len - GRPC_PREFIX) {
+                        self.end = Some(Box::new(status));
+                        break;
+                    }
+                    if written + len > room {
+                        // Kept for `poll_frame`, which splits it over the window.
+                        let _ = self.push(msg);
+                        break;
+                    }
+                    match msg {
+                        Outbound::Tick(tick) => out.put_slice(&tick.framed),
+                        Outbound::Message(m) => put_grpc_message(&*m, out),
+                    }
+                }
+                Poll::Ready(Some(Err(status))) => {
+                    self.end = Some(Box::new(status));
+                    break;
+                }
+                Poll::Ready(None) => {
+                    self.end = Some(Box::new(Status::ok("")));
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        match out.len() - start {
+            0 if self.end.is_none() && self.ready_len() == 0 => Poll::Pending,
+            0 => Poll::Ready(Appended::UseFrame),
+            n => Poll::Ready(Appended::Wrote(n)),
+        }
     }
 }
 

@@ -22,7 +22,7 @@ use std::{
     time::Duration,
 };
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderMap, Request, Response};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
@@ -60,6 +60,29 @@ pub trait ResponseBody:
         let _ = depth;
         0
     }
+
+    /// Appends the data the body has ready straight to the connection's buffer, whole
+    /// messages of at most `room` bytes in all, instead of handing it over as a frame
+    /// to copy. `Appended::UseFrame` sends the connection to `poll_frame` (trailers, an
+    /// end, a message that did not fit); bodies that only have frames say so always.
+    fn poll_append(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut BytesMut,
+        room: usize,
+    ) -> Poll<Appended> {
+        let _ = (cx, out, room);
+        Poll::Ready(Appended::UseFrame)
+    }
+}
+
+/// What `ResponseBody::poll_append` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// This many bytes of whole messages, at the end of the buffer.
+    Wrote(usize),
+    /// Nothing now: read the body with `poll_frame`.
+    UseFrame,
 }
 
 impl ResponseBody for tonic::body::Body {}

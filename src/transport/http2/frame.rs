@@ -266,11 +266,20 @@ fn unpad(flags: u8, payload: &mut Bytes) -> Result<Bytes, Error> {
 
 /// Appends a frame header.
 pub fn put_head(out: &mut BytesMut, len: usize, kind: u8, flags: u8, stream: u32) {
+    out.put_slice(&head(len, kind, flags, stream));
+}
+
+/// Writes a frame header over the first `HEAD` bytes of `at` (a place kept for it
+/// before its payload's length was known).
+pub fn set_head(at: &mut [u8], len: usize, kind: u8, flags: u8, stream: u32) {
+    at[..HEAD].copy_from_slice(&head(len, kind, flags, stream));
+}
+
+fn head(len: usize, kind: u8, flags: u8, stream: u32) -> [u8; HEAD] {
     debug_assert!(len < 1 << 24);
-    out.put_uint(len as u64, 3);
-    out.put_u8(kind);
-    out.put_u8(flags);
-    out.put_u32(stream & 0x7fff_ffff);
+    let [_, l0, l1, l2] = (len as u32).to_be_bytes();
+    let [s0, s1, s2, s3] = (stream & 0x7fff_ffff).to_be_bytes();
+    [l0, l1, l2, kind, flags, s0, s1, s2, s3]
 }
 
 pub fn put_settings(out: &mut BytesMut, values: &[(u16, u32)]) {

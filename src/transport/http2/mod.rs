@@ -33,7 +33,7 @@ use tower_service::Service;
 
 use crate::transport::incoming::Incoming;
 use conn::Connection;
-pub use conn::{ResponseBody, Serve};
+pub use conn::{Appended, ResponseBody, Serve};
 use stream::Shared;
 
 /// Tells every connection of one `serve` to drain: a flag each wake-up reads without a

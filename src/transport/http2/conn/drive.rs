@@ -73,6 +73,25 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, B: ResponseBody> Connection<IO, B> {
             if s.send_window <= 0 {
                 return Parked::Nothing;
             }
+            // Data straight into the buffer behind a DATA head filled in after; whatever
+            // else the body has comes as a frame.
+            let room = s.send_window.min(w.conn_window).min(w.max_frame as i64) as usize;
+            let head = w.out.len();
+            w.out.put_bytes(0, frame::HEAD);
+            match body.poll_append(&mut cx, &mut w.out, room) {
+                Poll::Ready(Appended::Wrote(n)) if n > 0 => {
+                    debug_assert!(n <= room && w.out.len() == head + frame::HEAD + n);
+                    frame::set_head(&mut w.out[head..], n, frame::DATA, 0, id);
+                    s.send_window -= n as i64;
+                    w.conn_window -= n as i64;
+                    continue;
+                }
+                Poll::Pending => {
+                    w.out.truncate(head);
+                    return Parked::Nothing;
+                }
+                Poll::Ready(_) => w.out.truncate(head),
+            }
             match Pin::new(&mut *body).poll_frame(&mut cx) {
                 Poll::Ready(Some(Ok(f))) => match f.into_data() {
                     Ok(data) => s.pending = Some(data),
