@@ -57,6 +57,7 @@ pub async fn run(
     let mut next_symbol = 0usize;
     let mut carry = 0.0f64;
     let mut last = clock::now_unix_nanos();
+    let mut ended_early = false;
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -95,12 +96,29 @@ pub async fn run(
                 }
                 Err(TrySendError::Full(_)) => {}
                 Err(TrySendError::Closed(_)) => {
-                    return Err(tonic::Status::unavailable("Publish call ended early"))
+                    ended_early = true;
+                    break;
                 }
             }
         }
+        if ended_early {
+            break;
+        }
     }
     drop(tx);
+    if ended_early {
+        // The call is over: its own status says why.
+        return match call.await {
+            Ok(Err(status)) => Err(status),
+            Ok(Ok(reply)) => Err(tonic::Status::unavailable(format!(
+                "Publish call ended early, after {} ticks accepted",
+                reply.into_inner().accepted
+            ))),
+            Err(e) => Err(tonic::Status::internal(format!(
+                "publisher task failed: {e}"
+            ))),
+        };
+    }
     let reply = call
         .await
         .map_err(|e| tonic::Status::internal(format!("publisher task failed: {e}")))??;

@@ -7,9 +7,10 @@
 //! mapped body layers (router, axum, `Grpc`) before reaching the session. Here a woken
 //! stream's body is the session's own (`RouteBody`'s left side, kept unboxed in the server's
 //! HTTP/2 stream table), which can skip a quiet session (`Session::is_quiet`) before any
-//! work; a lone tick goes out as the hub's own bytes
-//! (`Tick::framed`) without a copy, and an idle stream holds no encode buffer
-//! (`benches/README.md`, changelog, for what each measured). The server installs the layer inside
+//! work. On the server's own HTTP/2 the body frames its messages straight into the
+//! connection's buffer (`ResponseBody::poll_append`); elsewhere a lone tick goes out as
+//! the hub's own bytes (`Tick::framed`) without a copy. An idle stream holds no encode
+//! buffer (`benches/README.md`, changelog, for what each measured). The server installs the layer inside
 //! `observe`'s, so these RPCs are counted like the others.
 
 use std::{
@@ -41,8 +42,9 @@ use crate::{
 const TICKER_STREAM: &str = "/ticker.v1.TickerStreamService/TickerStream";
 const SUBSCRIBE: &str = "/ticker.v1.TickerStreamService/Subscribe";
 
-/// A body chunk is handed to HTTP/2 once it reaches this (one 16 KiB DATA frame, h2's
-/// default largest), or when the session has nothing more ready.
+/// A body chunk (or the messages appended at once) is handed to HTTP/2 once it reaches
+/// this (one 16 KiB DATA frame, h2's default largest), or when the session has nothing
+/// more ready.
 const YIELD_AT: usize = 16 * 1024;
 
 /// Message size limits, as `--max-decoding-message-size` / `--max-encoding-message-size`.
@@ -255,8 +257,9 @@ impl ResponseBody for MeteredBody<RouteBody> {
     }
 }
 
-/// A session's response body: every message it has ready, gRPC-framed, in one chunk;
-/// then the trailers with the status it ended with.
+/// A session's response body: every message it has ready, gRPC-framed, appended to the
+/// connection's buffer (`poll_append`) or in one chunk (`poll_frame`); then the trailers
+/// with the status it ended with.
 ///
 /// `repr(C)`, in this order: what every poll reads is on the struct's first line, next to
 /// the session's first fields (see `Session`), so a woken stream's poll starts with one
