@@ -30,13 +30,21 @@ pub async fn connect(url: impl Into<String>) -> Result<Client, tonic::transport:
 /// windows keeps even three fully stalled streams (a paused terminal, say) under it,
 /// whatever the server's framing.
 pub fn endpoint(url: impl Into<String>) -> Result<Endpoint, tonic::transport::Error> {
+    Ok(quiet_endpoint(url)?
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true))
+}
+
+/// `endpoint` without keepalive PINGs, for connections that must outlive a strict
+/// server's ping policy: grpc-go servers allow one PING per 5 minutes by default and
+/// close a connection that pings more often while they send it nothing
+/// (`too_many_pings`), as a publish-only connection is. The load generator uses it.
+pub fn quiet_endpoint(url: impl Into<String>) -> Result<Endpoint, tonic::transport::Error> {
     Ok(Endpoint::from_shared(url.into())?
         .initial_stream_window_size(1 << 20)
         .initial_connection_window_size(16 << 20)
         .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true)
         .tcp_nodelay(true))
 }
 

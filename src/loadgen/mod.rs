@@ -228,7 +228,7 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
     for i in 0..tonic_conns {
         let server = &opts.servers[i % opts.servers.len().max(1)];
         let endpoint =
-            client::endpoint(server.clone())?.initial_stream_window_size(opts.stream_window);
+            client::quiet_endpoint(server.clone())?.initial_stream_window_size(opts.stream_window);
         channels.push(endpoint.connect().await?);
     }
     let clients: Vec<Client> = channels.iter().cloned().map(Client::new).collect();
