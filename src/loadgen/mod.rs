@@ -30,7 +30,7 @@ use crate::{
     pb::{GetQuotesRequest, PublishRequest},
 };
 use fleet::{frames_reader, open_fleet, plaintext_authority};
-use publisher::PublishCounts;
+use publisher::{PublishCounts, Publishing};
 use reader::{Conn, Reader, SharedStats, StepStats};
 pub use report::{IdleReport, Report, SlowReport, StepReport};
 use tonic::transport::Channel;
@@ -256,13 +256,13 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
     let _ = cell.set(Schedule::new(&opts, start));
     let schedule = cell.get().ok_or("schedule unset")?;
     let counts = Arc::new(Mutex::new(PublishCounts::default()));
-    let publishing = tokio::spawn(publisher::run(
-        clients[0].clone(),
+    let publishing = Publishing::spawn(
+        client::quiet_endpoint(opts.servers.first().ok_or("no --server given")?.clone())?,
         symbols.clone(),
         cell.clone(),
         counts.clone(),
         stop.clone(),
-    ));
+    )?;
 
     let mut steps = Vec::new();
     for (i, step) in schedule.steps.iter().enumerate() {
@@ -363,14 +363,14 @@ fn step_stats(stats: &SharedStats, step: usize) -> StepStats {
 
 async fn stop_publishing(
     stop: &CancellationToken,
-    publishing: tokio::task::JoinHandle<Result<crate::pb::PublishResponse, tonic::Status>>,
+    publishing: Publishing,
     counts: &Mutex<PublishCounts>,
 ) -> Result<(), Error> {
     // The publisher ends by itself at the schedule's end, or early for a failed ramp.
     if !publishing.is_finished() {
         stop.cancel();
     }
-    let reply = publishing.await??;
+    let reply = publishing.reply().await?;
     let sent = counts.lock().unwrap_or_else(|e| e.into_inner()).total_sent;
     if reply.accepted != sent {
         return Err(format!("server accepted {} of {sent} ticks sent", reply.accepted).into());
