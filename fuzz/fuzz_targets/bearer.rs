@@ -42,7 +42,8 @@ fn authenticators() -> &'static Vec<Authenticator> {
             std::fs::write(&path, pair.public_key_pem()).expect("key file");
             keys.push(JwtKey::Public(path));
         }
-        keys.into_iter()
+        let all = keys
+            .into_iter()
             .map(|key| {
                 let settings = JwtSettings {
                     key,
@@ -52,7 +53,10 @@ fn authenticators() -> &'static Vec<Authenticator> {
                 };
                 Authenticator::jwt(JwtVerifier::load(&settings).expect("verifier"))
             })
-            .collect()
+            .collect();
+        // The verifiers hold the keys they read: the files are not needed again.
+        let _ = std::fs::remove_dir_all(&dir);
+        all
     })
 }
 
