@@ -73,8 +73,18 @@ impl Wake for StreamWake {
 
     fn wake_by_ref(self: &Arc<Self>) {
         if !self.queued.swap(true, Ordering::AcqRel) {
-            Shared::lock(&self.shared.ready).push(self.id);
-            self.shared.task.wake();
+            // Only the first id since the connection last took the list wakes its task:
+            // that wake comes after the push, and the connection takes the whole list
+            // under this lock, so later ids ride on it (a wake per id cost three
+            // locked instructions each, ~20 woken streams per connection per burst).
+            let was_empty = {
+                let mut ready = Shared::lock(&self.shared.ready);
+                ready.push(self.id);
+                ready.len() == 1
+            };
+            if was_empty {
+                self.shared.task.wake();
+            }
         }
     }
 }
@@ -267,6 +277,38 @@ mod tests {
         w.wake_by_ref();
         shared.take_ready(&mut ready);
         assert_eq!(ready, vec![5]);
+    }
+
+    #[test]
+    fn the_connection_is_woken_once_per_taken_list() {
+        struct Count(std::sync::atomic::AtomicUsize);
+        impl Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let count = Arc::new(Count(Default::default()));
+        let shared = Arc::new(Shared::default());
+        let wakes = |n: usize| assert_eq!(count.0.load(Ordering::SeqCst), n);
+        let (a, b) = (
+            StreamWake::new(1, Arc::clone(&shared)),
+            StreamWake::new(3, Arc::clone(&shared)),
+        );
+        shared.task.register(&Waker::from(Arc::clone(&count)));
+        waker(&a).wake_by_ref();
+        // Registered again, but the list not taken yet: the next id rides on that wake.
+        shared.task.register(&Waker::from(Arc::clone(&count)));
+        waker(&b).wake_by_ref();
+        wakes(1);
+        let mut ready = Vec::new();
+        shared.take_ready(&mut ready);
+        assert_eq!(ready, vec![1, 3]);
+        a.taken();
+        b.taken();
+        // A connection registers again on every poll; after a take, the next id wakes.
+        shared.task.register(&Waker::from(Arc::clone(&count)));
+        waker(&b).wake_by_ref();
+        wakes(2);
     }
 
     #[test]
