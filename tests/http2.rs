@@ -66,6 +66,11 @@ async fn max_connection_age_on_the_servers_own_http2() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connection_age_on_hyper() {
+    an_old_connection_is_told_to_go_then_closed(Http2::Hyper).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_sends_goaway_and_ends_the_stream_with_unavailable() {
     let mut server = TestServer::with(|c| c.http2 = Http2::Tickerd).await;
     let mut raw = Raw::connect(server.addr, &[]).await;

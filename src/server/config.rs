@@ -176,8 +176,7 @@ pub struct Config {
 
     /// Close connections after this age (GOAWAY, then forced close after
     /// --max-connection-age-grace), so long-lived streams re-spread over replicas when
-    /// their clients reconnect. Off unless given. With --http2 hyper, tonic 0.14 sends no
-    /// GOAWAY at the age: it closes the connection at age + grace.
+    /// their clients reconnect. Off unless given.
     #[arg(long, env = "TICKERD_MAX_CONNECTION_AGE", value_parser = humantime::parse_duration)]
     pub max_connection_age: Option<Duration>,
 

@@ -329,14 +329,28 @@ impl Server {
         if let (Some(reloader), Some(every)) = (reloader, config.tls_reload_interval) {
             tokio::spawn(reload_every(reloader, every, shutdown.token().clone()));
         }
+        let age = config.max_connection_age.map(|age| {
+            let jitter = config.max_connection_age_jitter.clamp(0.0, 0.9);
+            let seed = crate::clock::now_unix_nanos() as u64 ^ u64::from(std::process::id());
+            let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(seed);
+            let factor = 1.0 + rand::Rng::random_range(&mut rng, -jitter..=jitter);
+            let age = age.mul_f64(factor);
+            tracing::info!(?age, grace = ?config.max_connection_age_grace, "connections are recycled");
+            age
+        });
         let options = IncomingOptions {
             tcp_keepalive: config.tcp_keepalive,
             tls: tls.map(|tls| (tls, config.tls_handshake_timeout)),
+            close_after: match config.http2 {
+                Http2::Hyper => age.map(|age| age + config.max_connection_age_grace),
+                Http2::Tickerd => None,
+            },
         };
         let stop_accepting = CancellationToken::new();
         if let Some(listener) = web_listener {
             let web_incoming = IncomingOptions {
                 tcp_keepalive: config.tcp_keepalive,
+                close_after: None,
                 tls: options
                     .tls
                     .as_ref()
@@ -356,15 +370,6 @@ impl Server {
             let incoming = Incoming::new(listener, web_incoming, metrics.clone());
             tokio::spawn(web::serve(incoming, router, stop_accepting.clone()));
         }
-        let age = config.max_connection_age.map(|age| {
-            let jitter = config.max_connection_age_jitter.clamp(0.0, 0.9);
-            let seed = crate::clock::now_unix_nanos() as u64 ^ u64::from(std::process::id());
-            let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(seed);
-            let factor = 1.0 + rand::Rng::random_range(&mut rng, -jitter..=jitter);
-            let age = age.mul_f64(factor);
-            tracing::info!(?age, grace = ?config.max_connection_age_grace, "connections are recycled");
-            age
-        });
         let limits = MessageLimits {
             max_decoding: config.max_decoding_message_size,
             max_encoding: config.max_encoding_message_size,
@@ -412,10 +417,11 @@ impl Server {
             }
             Http2::Hyper => {
                 let mut builder = tonic::transport::Server::builder();
+                // The age alone: given a grace too, tonic 0.14 sleeps age + grace and
+                // then drops the connection without a GOAWAY. Without one it sends
+                // GOAWAY at the age, and `close_after` (above) ends the grace.
                 if let Some(age) = age {
-                    builder = builder
-                        .max_connection_age(age)
-                        .max_connection_age_grace(config.max_connection_age_grace);
+                    builder = builder.max_connection_age(age);
                 }
                 let router = builder
                     .max_concurrent_streams(config.max_concurrent_streams)

@@ -35,6 +35,11 @@ pub struct IncomingOptions {
     pub tcp_keepalive: Duration,
     /// With `Some`, every connection must complete a TLS handshake within the bound.
     pub tls: Option<(Tls, Duration)>,
+    /// With `Some`, a connection's reads and writes fail this long after it is accepted,
+    /// which closes it whatever its streams are doing: the `--http2 hyper` path's end of
+    /// `--max-connection-age-grace` (tonic 0.14's own grace timer skips the GOAWAY at
+    /// the age, so tonic is given the age alone; the own HTTP/2 keeps its own timers).
+    pub close_after: Option<Duration>,
 }
 
 /// A socket accepted on the listening thread for another I/O thread. It travels as a
@@ -186,7 +191,12 @@ impl Stream for Incoming {
                         addr: Some(addr),
                         client_subject: None,
                     };
-                    let io = ServerIo::new(Transport::Plain(tcp), peer, &this.metrics);
+                    let io = ServerIo::new(
+                        Transport::Plain(tcp),
+                        peer,
+                        &this.metrics,
+                        this.options.close_after,
+                    );
                     return Poll::Ready(Some(Ok(io)));
                 }
                 Some((tls, bound)) => this.handshakes.push(Handshake {
@@ -209,7 +219,12 @@ impl Stream for Incoming {
                         addr: Some(addr),
                         client_subject,
                     };
-                    let io = ServerIo::new(Transport::Tls(Box::new(stream)), peer, &this.metrics);
+                    let io = ServerIo::new(
+                        Transport::Tls(Box::new(stream)),
+                        peer,
+                        &this.metrics,
+                        this.options.close_after,
+                    );
                     return Poll::Ready(Some(Ok(io)));
                 }
                 Ok(Err(e)) => {
@@ -256,15 +271,38 @@ pub struct ServerIo {
     transport: Transport,
     peer: PeerInfo,
     metrics: Metrics,
+    /// When reads and writes start to fail (`IncomingOptions::close_after`).
+    closes_at: Option<Pin<Box<Sleep>>>,
 }
 
 impl ServerIo {
-    fn new(transport: Transport, peer: PeerInfo, metrics: &Metrics) -> ServerIo {
+    fn new(
+        transport: Transport,
+        peer: PeerInfo,
+        metrics: &Metrics,
+        close_after: Option<Duration>,
+    ) -> ServerIo {
         metrics.connections.inc();
         ServerIo {
             transport,
             peer,
             metrics: metrics.clone(),
+            closes_at: close_after.map(|after| Box::pin(tokio::time::sleep(after))),
+        }
+    }
+
+    /// Fails once the connection's time is up. Polled with every read, so the
+    /// connection's task, which always has a read pending, wakes when it is.
+    fn check_time(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        let Some(at) = &mut self.closes_at else {
+            return Ok(());
+        };
+        match at.as_mut().poll(cx) {
+            Poll::Ready(()) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the connection outlived --max-connection-age and its grace",
+            )),
+            Poll::Pending => Ok(()),
         }
     }
 }
@@ -295,7 +333,9 @@ impl AsyncRead for ServerIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().transport {
+        let this = self.get_mut();
+        this.check_time(cx)?;
+        match &mut this.transport {
             Transport::Plain(io) => Pin::new(io).poll_read(cx, buf),
             Transport::Tls(io) => Pin::new(io.as_mut()).poll_read(cx, buf),
         }
@@ -308,7 +348,9 @@ impl AsyncWrite for ServerIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().transport {
+        let this = self.get_mut();
+        this.check_time(cx)?;
+        match &mut this.transport {
             Transport::Plain(io) => Pin::new(io).poll_write(cx, buf),
             Transport::Tls(io) => Pin::new(io.as_mut()).poll_write(cx, buf),
         }
@@ -319,7 +361,9 @@ impl AsyncWrite for ServerIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().transport {
+        let this = self.get_mut();
+        this.check_time(cx)?;
+        match &mut this.transport {
             Transport::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
             Transport::Tls(io) => Pin::new(io.as_mut()).poll_write_vectored(cx, bufs),
         }
