@@ -6,7 +6,11 @@
 #   benches/ab.sh RUNS BIN_A BIN_B [BIN...]     e.g. benches/ab.sh 5 /tmp/before /tmp/after
 # RATE (5000), DURATION (6s), LAYOUT (random); server flags after a build's path, quoted:
 #   benches/ab.sh 5 "target/release/tickerd --io-threads 2" target/release/tickerd
-# Prints, per build: each run's "CPU µs per delivery / p99 µs", then the median CPU.
+# The word grpc-go stands for the reference peer ($GO_PEER_DIR/bin/go-peer, default
+# ../shared/reference/go-peer), for runs paired with it:
+#   benches/ab.sh 4 target/release/tickerd grpc-go; benches/ab.sh 4 grpc-go target/release/tickerd
+# Prints, per build: each run's "CPU µs per delivery / p99 µs / share delivered", then the
+# median CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=$1; shift
@@ -14,19 +18,25 @@ RATE=${RATE:-5000}
 DURATION=${DURATION:-6s}
 LAYOUT=${LAYOUT:-random}
 PORT=${PORT:-50074}
+GO_PEER_DIR=${GO_PEER_DIR:-../shared/reference/go-peer}
 cargo build --release --quiet --bin tickerd-bench
 declare -A runs
 for _ in $(seq "$RUNS"); do
   for build in "$@"; do
-    # shellcheck disable=SC2086
-    $build --feed none --listen "127.0.0.1:$PORT" > /tmp/ab-server.log 2>&1 &
+    if [ "$build" = grpc-go ]; then
+      [ -x "$GO_PEER_DIR/bin/go-peer" ] || "$GO_PEER_DIR/build.sh" --no-test
+      "$GO_PEER_DIR/bin/go-peer" --listen "127.0.0.1:$PORT" > /tmp/ab-server.log 2>&1 &
+    else
+      # shellcheck disable=SC2086
+      $build --feed none --listen "127.0.0.1:$PORT" > /tmp/ab-server.log 2>&1 &
+    fi
     pid=$!
     for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.1; done
     report=$(./target/release/tickerd-bench --server "http://127.0.0.1:$PORT" --server-pid "$pid" \
       --layout "$LAYOUT" --rate "$RATE" --duration "$DURATION" --warmup 2s --json)
     kill "$pid"; wait "$pid" 2>/dev/null || true
     run=$(python3 -c 'import json,sys; s=json.loads(sys.argv[1])["steps"][0]
-print("%.3f/%d" % (s["server_cpu_us_per_delivery"], s["latency_us"]["p99"]))' "$report")
+print("%.3f/%d/%.4f" % (s["server_cpu_us_per_delivery"], s["latency_us"]["p99"], s["delivery_ratio"]))' "$report")
     runs[$build]="${runs[$build]:-} $run"
   done
 done
