@@ -1,9 +1,11 @@
-//! Interoperability with gRPC's C core: Python grpcio (`tests/interop/grpcio_client.py`)
-//! calls the real server, on the server's own HTTP/2 and on hyper's, with every call
-//! shape: client-streaming Publish, unary GetQuotes, an error status in trailers, an
-//! unknown method, a bidirectional TickerStream that half-closes, keeps receiving, and
-//! is cancelled, and one that runs into its deadline. grpcio comes from the virtual
-//! environment `tests/run.sh` makes; without it the test fails with that hint.
+//! Interoperability with the two other gRPC stacks clients use most: gRPC's C core (Python
+//! grpcio, `tests/interop/grpcio_client.py`) and grpc-go (`tests/interop/grpcgo_client.go`)
+//! call the real server, on the server's own HTTP/2 and on hyper's, with every call shape:
+//! client-streaming Publish, unary GetQuotes, an error status in trailers, an unknown
+//! method, a bidirectional TickerStream that half-closes, keeps receiving, and is
+//! cancelled, and one that runs into its deadline. Both clients come from `tests/run.sh`
+//! (grpcio in a virtual environment, the grpc-go client built with Debian's Go and
+//! grpc-go); without them the tests fail with that hint.
 
 mod common;
 
@@ -64,35 +66,70 @@ fn responses<M: Message + Default>(result: &Value) -> Vec<M> {
         .as_array()
         .expect("responses")
         .iter()
-        .map(|r| M::decode(unhex(r).as_slice()).expect("a response grpcio received decodes"))
+        .map(|r| M::decode(unhex(r).as_slice()).expect("a response the client received decodes"))
         .collect()
 }
 
-/// Runs the grpcio client on `steps` against `server`; its results, step by step.
-fn grpcio(server: &TestServer, steps: Value) -> Vec<Value> {
+/// The grpc-go client: `$TICKERD_GRPCGO_CLIENT`, else the one `tests/run.sh` builds.
+fn grpcgo_client() -> PathBuf {
+    let client = std::env::var_os("TICKERD_GRPCGO_CLIENT").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-tools/grpcgo-client"),
+        PathBuf::from,
+    );
+    assert!(
+        client.is_file(),
+        "{} is missing: the interop test needs the grpc-go client. Run the suite with \
+         `bash tests/run.sh` (it installs Debian's golang-go and golang-google-grpc-dev and \
+         builds tests/interop/grpcgo_client.go), or set TICKERD_GRPCGO_CLIENT to a build of it",
+        client.display()
+    );
+    client
+}
+
+/// A client that takes steps as JSON and answers as JSON.
+#[derive(Clone, Copy, Debug)]
+enum Client {
+    Grpcio,
+    GrpcGo,
+}
+
+/// Runs `client` on `steps` against `server`; its results, step by step.
+fn run(client: Client, server: &TestServer, steps: Value) -> Vec<Value> {
     let spec = json!({ "target": server.addr.to_string(), "steps": steps });
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop/grpcio_client.py");
-    let mut child = Command::new(python())
-        .arg(script)
+    let mut command = match client {
+        Client::Grpcio => {
+            let mut c = Command::new(python());
+            c.arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/interop/grpcio_client.py"));
+            c
+        }
+        Client::GrpcGo => Command::new(grpcgo_client()),
+    };
+    let mut child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("start the grpcio client");
+        .unwrap_or_else(|e| panic!("start the {client:?} client: {e}"));
     child
         .stdin
         .take()
         .expect("stdin")
         .write_all(spec.to_string().as_bytes())
         .expect("write the steps");
-    let out = child.wait_with_output().expect("the grpcio client ran");
+    let out = child.wait_with_output().expect("the client ran");
     assert!(
         out.status.success(),
-        "the grpcio client failed: {}",
+        "the {client:?} client failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let answer: Value = serde_json::from_slice(&out.stdout).expect("the grpcio client's JSON");
-    eprintln!("grpcio {}", answer["grpcio"]);
+    let answer: Value = serde_json::from_slice(&out.stdout).expect("the client's JSON");
+    eprintln!(
+        "{client:?} {}",
+        answer
+            .get("grpcio")
+            .or(answer.get("grpcgo"))
+            .unwrap_or(&Value::Null)
+    );
     answer["results"].as_array().expect("results").clone()
 }
 
@@ -103,7 +140,7 @@ fn publish_hex(symbol: &str, prices: &[f64]) -> Value {
         .collect()
 }
 
-async fn every_call_shape(http2: Http2) {
+async fn every_call_shape(client: Client, http2: Http2) {
     let server = TestServer::with(|c| c.http2 = http2).await;
     let steps = json!([
         { "kind": "publish", "requests": publish_hex("IA", &[1.0, 2.0, 3.0]) },
@@ -118,7 +155,7 @@ async fn every_call_shape(http2: Http2) {
         { "kind": "stream", "requests": [hex(&TickerRequest::subscribe("IA"))],
           "timeout": 0.5 },
     ]);
-    let results = grpcio(&server, steps);
+    let results = run(client, &server, steps);
 
     assert_eq!(results[0]["code"], "OK", "{}", results[0]);
     let published: Vec<PublishResponse> = responses(&results[0]);
@@ -158,7 +195,7 @@ async fn every_call_shape(http2: Http2) {
     assert_eq!(responses::<TickerResponse>(&results[5]).len(), 2);
 
     // The cancelled and timed-out streams are gone from the server too.
-    common::eventually("every grpcio stream closed on the server", || {
+    common::eventually("every client stream closed on the server", || {
         server.service.active_streams() == 0
     })
     .await;
@@ -168,10 +205,20 @@ async fn every_call_shape(http2: Http2) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcio_makes_every_call_shape_on_the_servers_own_http2() {
-    every_call_shape(Http2::Tickerd).await;
+    every_call_shape(Client::Grpcio, Http2::Tickerd).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcio_makes_every_call_shape_on_hyper() {
-    every_call_shape(Http2::Hyper).await;
+    every_call_shape(Client::Grpcio, Http2::Hyper).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_go_makes_every_call_shape_on_the_servers_own_http2() {
+    every_call_shape(Client::GrpcGo, Http2::Tickerd).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_go_makes_every_call_shape_on_hyper() {
+    every_call_shape(Client::GrpcGo, Http2::Hyper).await;
 }

