@@ -10,7 +10,7 @@
 # ../shared/reference/go-peer), for runs paired with it:
 #   benches/ab.sh 4 target/release/tickerd grpc-go; benches/ab.sh 4 grpc-go target/release/tickerd
 # Prints, per build: each run's "CPU µs per delivery / p99 µs / share delivered", then the
-# median CPU.
+# median CPU. JSONL=path appends each run's report, one line with the build, to that file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=$1; shift
@@ -38,6 +38,10 @@ for _ in $(seq "$RUNS"); do
     run=$(python3 -c 'import json,sys; s=json.loads(sys.argv[1])["steps"][0]
 print("%.3f/%d/%.4f" % (s["server_cpu_us_per_delivery"], s["latency_us"]["p99"], s["delivery_ratio"]))' "$report")
     runs[$build]="${runs[$build]:-} $run"
+    if [ -n "${JSONL:-}" ]; then
+      python3 -c 'import json,sys; r=json.loads(sys.argv[1]); r["build"]=sys.argv[2]
+print(json.dumps(r))' "$report" "$build" >> "$JSONL"
+    fi
   done
 done
 for build in "$@"; do
