@@ -148,6 +148,34 @@ async fn unreachable_server_is_a_sentence_and_exit_3() {
 }
 
 #[tokio::test]
+async fn tls_on_one_side_only_or_an_untrusted_server_comes_with_a_hint() {
+    let keys = Keys::new();
+    let tls = TestServer::with(|c| keys.tls(c, false)).await;
+    let plain = TestServer::start().await;
+    let ca = keys.path("ca.pem");
+    let ca = ca.to_str().unwrap();
+    let cases = [
+        (
+            format!("http://{}", tls.addr),
+            vec![],
+            "if the server uses TLS, use https://",
+        ),
+        (tls.url(), vec![], "give the CA that signed it with --ca"),
+        (
+            format!("https://{}", plain.addr),
+            vec!["--ca", ca],
+            "the server does not speak TLS there: use http://",
+        ),
+    ];
+    for (url, mut args, hint) in cases {
+        args.push("health");
+        let (code, _, err) = TickerCli::spawn(&url, &args).finish().await;
+        assert_eq!(code, 3, "{url}: {err}");
+        assert!(err.contains(hint), "{url}: {err}");
+    }
+}
+
+#[tokio::test]
 async fn publish_from_a_file_lands_in_subscribers() {
     let server = TestServer::with(|c| c.allow_unknown_symbols = true).await;
     let mut client = server.client().await;

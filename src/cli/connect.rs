@@ -97,11 +97,7 @@ impl CliError {
         // connection failure.
         if let Some(source) = std::error::Error::source(status) {
             let cause = root_cause(source);
-            let hint = if cause.to_lowercase().contains("certificaterequired") {
-                " (the server requires a client certificate: give --cert and --key)"
-            } else {
-                ""
-            };
+            let hint = hint(&cause);
             return CliError::new(exit::CANNOT_CONNECT, format!("{what}: {cause}{hint}"));
         }
         let code = match status.code() {
@@ -159,6 +155,25 @@ pub fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
     }
 }
 
+/// What a connection failure's cause most likely means for the command line, as a
+/// parenthesis to append: TLS on one side only, an untrusted server, a missing client
+/// certificate. Empty when the cause speaks for itself.
+fn hint(cause: &str) -> &'static str {
+    let cause = cause.to_lowercase();
+    if cause.contains("certificaterequired") {
+        " (the server requires a client certificate: give --cert and --key)"
+    } else if cause.contains("unknownissuer") {
+        " (the server's certificate is not signed by a CA this client trusts: give the CA \
+         that signed it with --ca)"
+    } else if cause.contains("invalidcontenttype") {
+        " (the server does not speak TLS there: use http://)"
+    } else if cause.contains("frame with invalid size") {
+        " (if the server uses TLS, use https://)"
+    } else {
+        ""
+    }
+}
+
 impl ConnectOpts {
     fn endpoint(&self, url: &str) -> Result<Endpoint, CliError> {
         let mut endpoint = crate::client::endpoint(url.to_string())
@@ -211,11 +226,11 @@ impl ConnectOpts {
             let url = &self.servers[(start + i) % n];
             match self.endpoint(url)?.connect().await {
                 Ok(channel) => return Ok(channel),
-                Err(e) => failures.push(format!(
-                    "cannot reach {}: {}",
-                    authority(url),
-                    root_cause(&e)
-                )),
+                Err(e) => {
+                    let cause = root_cause(&e);
+                    let hint = hint(&cause);
+                    failures.push(format!("cannot reach {}: {cause}{hint}", authority(url)))
+                }
             }
         }
         Err(CliError::new(exit::CANNOT_CONNECT, failures.join("; ")))
@@ -276,5 +291,28 @@ mod tests {
             "Connection refused (os error 111)",
         );
         assert_eq!(root_cause(&io), "connection refused");
+    }
+
+    #[test]
+    fn tls_mismatches_come_with_a_hint() {
+        // The causes as rustls and h2 word them, after root_cause.
+        for (cause, needle) in [
+            (
+                "received fatal alert: CertificateRequired",
+                "--cert and --key",
+            ),
+            ("invalid peer certificate: UnknownIssuer", "--ca"),
+            (
+                "received corrupt message of type InvalidContentType",
+                "use http://",
+            ),
+            (
+                "connection error detected: frame with invalid size",
+                "https://",
+            ),
+        ] {
+            assert!(hint(cause).contains(needle), "{cause}: {}", hint(cause));
+        }
+        assert_eq!(hint("connection refused"), "");
     }
 }
