@@ -267,7 +267,9 @@ const LINGER_BYTES: usize = 64 * 1024;
 /// refused; closing with that request unread makes the kernel answer with a reset, and
 /// the client then reports "broken pipe" or "connection reset" instead of the alert. So
 /// the write side is shut after the alert and what the client still sends is read and
-/// dropped until it closes, for at most `LINGER` and `LINGER_BYTES`.
+/// dropped until it closes, for at most `LINGER` and `LINGER_BYTES`. That holds a socket
+/// no longer than a client that connects and stays silent may already hold one (the
+/// handshake bound, 10 s by default), so it gives a flood nothing new.
 async fn linger(mut tcp: TcpStream) {
     if tcp.shutdown().await.is_err() {
         return;
