@@ -233,7 +233,8 @@ impl Stream for Incoming {
                 Ok(Err((e, tcp))) => {
                     this.metrics.tls_handshake_failures("error");
                     tracing::debug!(peer = %addr, error = %e, "TLS handshake failed");
-                    tokio::spawn(linger(tcp));
+                    let bound = this.options.tls.as_ref().map_or(LINGER, |(_, b)| *b);
+                    tokio::spawn(linger(tcp, bound.min(LINGER)));
                 }
                 Err(_) => {
                     this.metrics.tls_handshake_failures("timeout");
@@ -267,16 +268,16 @@ const LINGER_BYTES: usize = 64 * 1024;
 /// refused; closing with that request unread makes the kernel answer with a reset, and
 /// the client then reports "broken pipe" or "connection reset" instead of the alert. So
 /// the write side is shut after the alert and what the client still sends is read and
-/// dropped until it closes, for at most `LINGER` and `LINGER_BYTES`. That holds a socket
-/// no longer than a client that connects and stays silent may already hold one (the
-/// handshake bound, 10 s by default), so it gives a flood nothing new.
-async fn linger(mut tcp: TcpStream) {
+/// dropped until it closes, for at most `LINGER` (or the handshake bound, if shorter) and
+/// `LINGER_BYTES`. That holds a socket no longer than a client that connects and stays
+/// silent may already hold one, so it gives a flood nothing new.
+async fn linger(mut tcp: TcpStream, within: Duration) {
     if tcp.shutdown().await.is_err() {
         return;
     }
     let mut buf = [0u8; 4096];
     let mut left = LINGER_BYTES;
-    let _ = tokio::time::timeout(LINGER, async {
+    let _ = tokio::time::timeout(within, async {
         while left > 0 {
             match tcp.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
