@@ -41,6 +41,15 @@ async fn tls_serves_trusting_clients_and_plaintext_fails() {
         .domain_name("localhost");
     let e = tls_call(&server.url(), untrusting).await.unwrap_err();
     assert!(e.to_lowercase().contains("certificate"), "{e}");
+
+    // The operator sees why, by reason.
+    let failures = "tickerd_tls_handshake_failures_total";
+    server
+        .metrics_showing(&format!(r#"{failures}{{reason="not_tls"}}"#))
+        .await;
+    server
+        .metrics_showing(&format!(r#"{failures}{{reason="refused_by_client"}} 1"#))
+        .await;
 }
 
 #[tokio::test]
@@ -74,6 +83,18 @@ async fn mtls_accepts_only_valid_client_certificates_and_names_the_caller() {
             .is_err(),
         "expired certificate"
     );
+
+    let failures = "tickerd_tls_handshake_failures_total";
+    server
+        .metrics_showing(&format!(
+            r#"{failures}{{reason="no_client_certificate"}} 1"#
+        ))
+        .await;
+    server
+        .metrics_showing(&format!(
+            r#"{failures}{{reason="bad_client_certificate"}} 2"#
+        ))
+        .await;
 
     let alice = keys.ca.client("alice", Validity::days(1)).unwrap();
     tls_call(&url, keys.client_tls(Some(&alice)))

@@ -231,8 +231,9 @@ impl Stream for Incoming {
                     return Poll::Ready(Some(Ok(io)));
                 }
                 Ok(Err((e, tcp))) => {
-                    this.metrics.tls_handshake_failures("error");
-                    tracing::debug!(peer = %addr, error = %e, "TLS handshake failed");
+                    let reason = refusal(&e);
+                    this.metrics.tls_handshake_failures(reason);
+                    tracing::debug!(peer = %addr, error = %e, reason, "TLS handshake failed");
                     let bound = this.options.tls.as_ref().map_or(LINGER, |(_, b)| *b);
                     tokio::spawn(linger(tcp, bound.min(LINGER)));
                 }
@@ -257,6 +258,21 @@ pin_project_lite::pin_project! {
 
 type HandshakeOutcome =
     Result<Result<TlsStream<TcpStream>, (io::Error, TcpStream)>, tokio::time::error::Elapsed>;
+
+/// Why a handshake failed, as the `reason` of `tickerd_tls_handshake_failures_total`: what
+/// an operator acts on (clients without a certificate after mTLS was turned on, clients
+/// that do not trust the server's certificate, plaintext clients on the TLS port).
+fn refusal(e: &io::Error) -> &'static str {
+    use rustls::Error as E;
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<E>()) {
+        Some(E::NoCertificatesPresented) => "no_client_certificate",
+        Some(E::InvalidCertificate(_)) => "bad_client_certificate",
+        Some(E::AlertReceived(_)) => "refused_by_client",
+        Some(E::InvalidMessage(_) | E::InappropriateMessage { .. }) => "not_tls",
+        Some(E::PeerIncompatible(_) | E::NoApplicationProtocol) => "incompatible",
+        _ => "error",
+    }
+}
 
 /// How long, and for how many bytes, a failed handshake's socket stays open; see `linger`.
 const LINGER: Duration = Duration::from_secs(1);

@@ -124,6 +124,23 @@ impl TestServer {
         http_get(self.metrics_addr, path).await
     }
 
+    /// /metrics once it shows `needle`, polled like `eventually`: for counters the server
+    /// bumps after the client has already seen the outcome (a refused handshake).
+    pub async fn metrics_showing(&self, needle: &str) -> String {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let (_, metrics) = self.http_get("/metrics").await;
+            if metrics.contains(needle) {
+                return metrics;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "/metrics never showed {needle}: {metrics}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// A plain channel, for clients of other services (health, reflection, raw codecs).
     pub async fn channel(&self) -> tonic::transport::Channel {
         client::endpoint(self.url())
