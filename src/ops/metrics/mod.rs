@@ -219,10 +219,7 @@ impl Metrics {
         let tls_handshake_failures = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "tls_handshake_failures",
-            "TLS handshakes that failed, by reason: no_client_certificate, \
-             bad_client_certificate, refused_by_client (it did not trust the server's \
-             certificate), not_tls, incompatible (no common version, cipher or ALPN), error, \
-             or timeout (not finished in time)",
+            "TLS handshakes that failed, by reason (docs/security.md lists them)",
             tls_handshake_failures.clone(),
         );
         let tls_reloads = Family::<OutcomeLabel, Counter>::default();
