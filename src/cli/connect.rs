@@ -169,6 +169,10 @@ fn hint(cause: &str) -> &'static str {
         " (the server does not speak TLS there: use http://)"
     } else if cause.contains("frame with invalid size") {
         " (if the server uses TLS, use https://)"
+    } else if cause.contains("connection closed") {
+        // hyper reports a refused TLS 1.3 handshake this way when the request was still
+        // queued in its dispatcher as the alert arrived: the alert goes to the connection.
+        " (if the server requires a client certificate, give --cert and --key)"
     } else {
         ""
     }
@@ -310,6 +314,7 @@ mod tests {
                 "connection error detected: frame with invalid size",
                 "https://",
             ),
+            ("connection closed", "--cert and --key"),
         ] {
             assert!(hint(cause).contains(needle), "{cause}: {}", hint(cause));
         }
