@@ -169,10 +169,14 @@ fn hint(cause: &str) -> &'static str {
         " (the server does not speak TLS there: use http://)"
     } else if cause.contains("frame with invalid size") {
         " (if the server uses TLS, use https://)"
-    } else if cause.contains("connection closed") {
+    } else if cause.contains("connection closed") || cause.contains("connection was not ready") {
         // hyper reports a refused TLS 1.3 handshake this way when the request was still
-        // queued in its dispatcher as the alert arrived: the alert goes to the connection.
-        " (if the server requires a client certificate, give --cert and --key)"
+        // queued in its dispatcher as the alert arrived (the alert goes to the connection),
+        // and a plaintext dial to a TLS port too when the server hangs up before the client
+        // reads its alert as a frame ("was not ready": the connection died between hyper's
+        // readiness check and the send). The cause cannot tell the two apart: name both.
+        " (the server hung up: if the server uses TLS, use https://; if it requires a client \
+         certificate, give --cert and --key)"
     } else {
         ""
     }
@@ -315,6 +319,8 @@ mod tests {
                 "https://",
             ),
             ("connection closed", "--cert and --key"),
+            ("connection closed", "use https://"),
+            ("connection was not ready", "use https://"),
         ] {
             assert!(hint(cause).contains(needle), "{cause}: {}", hint(cause));
         }
