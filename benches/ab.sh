@@ -11,6 +11,8 @@
 #   benches/ab.sh 4 target/release/tickerd grpc-go; benches/ab.sh 4 grpc-go target/release/tickerd
 # Prints, per build: each run's "CPU µs per delivery / p99 µs / share delivered", then the
 # median CPU. JSONL=path appends each run's report, one line with the build, to that file.
+# SERVER_PREFIX runs every server, grpc-go's too, under a command that execs it (e.g.
+# "chrt -f 1": real-time priority, so the load generator's threads never preempt it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=$1; shift
@@ -25,10 +27,11 @@ for _ in $(seq "$RUNS"); do
   for build in "$@"; do
     if [ "$build" = grpc-go ]; then
       [ -x "$GO_PEER_DIR/bin/go-peer" ] || "$GO_PEER_DIR/build.sh" --no-test
-      "$GO_PEER_DIR/bin/go-peer" --listen "127.0.0.1:$PORT" > /tmp/ab-server.log 2>&1 &
+      # shellcheck disable=SC2086
+      ${SERVER_PREFIX:-} "$GO_PEER_DIR/bin/go-peer" --listen "127.0.0.1:$PORT" > /tmp/ab-server.log 2>&1 &
     else
       # shellcheck disable=SC2086
-      $build --feed none --listen "127.0.0.1:$PORT" > /tmp/ab-server.log 2>&1 &
+      ${SERVER_PREFIX:-} $build --feed none --listen "127.0.0.1:$PORT" > /tmp/ab-server.log 2>&1 &
     fi
     pid=$!
     for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.1; done
