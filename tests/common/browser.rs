@@ -4,6 +4,7 @@
 
 use std::{
     io::{BufRead, BufReader},
+    os::unix::process::CommandExt,
     process::{Child, Command, Stdio},
 };
 
@@ -13,6 +14,10 @@ const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 const HINT: &str = "the board's test needs Debian's Chromium: apt-get install chromium \
                     chromium-driver (tests/run.sh installs them)";
+/// How long chromedriver and Chromium get to start: the browser's own start-up, not an
+/// answer of the server's, so longer than `DEADLINE`. Two Chromiums starting beside a
+/// busy server on a loaded 2-core machine have taken over 10 s.
+const BROWSER_START: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A chromedriver process and a headless Chromium session through it.
 pub struct Browser {
@@ -33,7 +38,12 @@ impl Browser {
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
+        // A process group of its own, so that dropping the browser can end Chromium too:
+        // killed alone, chromedriver leaves its Chromium processes running (each page
+        // still reconnecting and redrawing), and they load the machine for every test
+        // and benchmark after.
         let mut driver = Command::new(CHROMEDRIVER)
+            .process_group(0)
             .arg(format!("--port={port}"))
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -52,7 +62,10 @@ impl Browser {
                 }
             }
         });
-        super::within(ready).await.expect("chromedriver started");
+        tokio::time::timeout(BROWSER_START, ready)
+            .await
+            .unwrap_or_else(|_| panic!("chromedriver did not start within {BROWSER_START:?}"))
+            .expect("chromedriver started");
         let profile = tempfile::tempdir().expect("profile dir");
         let mut caps = serde_json::Map::new();
         caps.insert(
@@ -69,12 +82,14 @@ impl Browser {
             }),
         );
         let connector = hyper_util::client::legacy::connect::HttpConnector::new();
-        let client = super::within(
+        let client = tokio::time::timeout(
+            BROWSER_START,
             ClientBuilder::new(connector)
                 .capabilities(caps)
                 .connect(&format!("http://127.0.0.1:{port}")),
         )
         .await
+        .unwrap_or_else(|_| panic!("Chromium did not start a session within {BROWSER_START:?}"))
         .unwrap_or_else(|e| panic!("no WebDriver session: {e}; {HINT}"));
         Browser {
             client,
@@ -114,7 +129,16 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        let _ = self.driver.kill();
+        // The whole group: chromedriver and the Chromium processes it started.
+        let group = format!("-{}", self.driver.id());
+        let killed = Command::new("kill")
+            .args(["-KILL", "--", &group])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !killed {
+            let _ = self.driver.kill();
+        }
         let _ = self.driver.wait();
     }
 }
