@@ -22,6 +22,20 @@ async fn seq_now(browser: &Browser, symbol: &str) -> i64 {
     value.parse().expect("a number")
 }
 
+/// After a restart: waits until `symbol`'s seq moves from what it shows now, up or down
+/// (the old server's seq may still show, and the new one counts from its own start),
+/// then until a live tick passes the new value.
+async fn ticking_again(browser: &Browser, symbol: &str) {
+    let before = seq_now(browser, symbol).await;
+    browser
+        .until(
+            &format!("{symbol}'s seq moved from {before}"),
+            &format!("return {} !== {before};", seq(symbol)),
+        )
+        .await;
+    ticking(browser, symbol).await;
+}
+
 /// Waits until `symbol`'s seq passes what it shows now.
 async fn ticking(browser: &Browser, symbol: &str) {
     let now = seq_now(browser, symbol).await.max(0);
@@ -121,7 +135,7 @@ async fn the_board_shows_live_ticks_and_resumes_after_a_restart() {
         )
         .await;
     for symbol in ["SYM01", "SYM02", "SYM04"] {
-        ticking(&browser, symbol).await;
+        ticking_again(&browser, symbol).await;
     }
 }
 
