@@ -1,7 +1,8 @@
 //! The board page in a real browser: headless Chromium (WebDriver) against the real
 //! `tickerd` binary. It loads, shows live ticks whose seq increases, removes and adds
 //! symbols (the address follows), survives a server restart by resuming, and says
-//! that ticks were missed when the restarted server's history cannot cover the outage.
+//! that ticks were missed when the restarted server's history cannot cover the outage;
+//! with a token, a symbol it does not cover keeps its row, marked rejected.
 //! A screenshot lands in `target/board.png` (the README's comes from it).
 
 mod common;
@@ -177,4 +178,32 @@ async fn the_board_asks_for_a_token_when_the_server_wants_one() {
     ticking(&browser, "SYM01").await;
     // The token went in the first message, never in the address.
     assert!(!browser.eval("return location.href;").await.contains(&token));
+
+    // A symbol the token does not cover: its row stays, marked with the reason, and
+    // the entitled row goes on ticking.
+    let input = common::within(browser.client.find(Locator::Id("add-symbol")))
+        .await
+        .expect("input");
+    common::within(input.send_keys("other1\n"))
+        .await
+        .expect("type");
+    let row = "document.querySelector('tr[data-symbol=\"OTHER1\"]')";
+    browser
+        .until(
+            "OTHER1's row marked rejected, the reason in its tooltip",
+            &format!(
+                "return {row}.classList.contains('rejected') \
+                 && {row}.querySelector('.last').textContent === 'rejected' \
+                 && {row}.title === 'rejected: not entitled to OTHER1';"
+            ),
+        )
+        .await;
+    browser
+        .until(
+            "a rejection notice",
+            "return [...document.querySelectorAll('#notices li')]\
+             .some(li => li.textContent.includes('OTHER1: rejected: not entitled to OTHER1'));",
+        )
+        .await;
+    ticking(&browser, "SYM01").await;
 }

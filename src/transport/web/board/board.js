@@ -1,6 +1,9 @@
 // The tickerd board: one WebSocket (/v1/stream, proto3 JSON), a row per symbol,
 // redrawn at a steady frame rate (never per tick), resuming every symbol from its last
-// seq after a reconnect, and saying so when ticks were missed.
+// seq after a reconnect, and saying so when ticks were missed. A symbol the server
+// rejects (unknown, not entitled, a bad name) keeps its row, marked with the reason, so
+// the user sees which one failed; it is asked for again after a reconnect (the
+// server's symbols or the token may have changed) and a tick clears the mark.
 "use strict";
 
 const FRAME_MS = 100;          // redraw at most 10 times a second, however hot a symbol is
@@ -73,7 +76,8 @@ function addSymbol(symbol) {
   tr.querySelector(".act").append(remove);
   $("#board tbody").append(tr);
   const row = { symbol, tr, canvas, last: null, open: null, high: null, low: null, seq: 0,
-    epoch: null, lagged: 0, latencyMs: null, times: [], spark: [], dirty: true, resuming: false };
+    epoch: null, lagged: 0, latencyMs: null, times: [], spark: [], dirty: true, resuming: false,
+    rejected: null };
   rows.set(symbol, row);
   keepAddress();
   subscribe(row);
@@ -88,7 +92,15 @@ function removeSymbol(symbol) {
   keepAddress();
 }
 
+function markRejected(row, detail) {
+  row.rejected = detail;
+  row.tr.classList.toggle("rejected", detail !== null);
+  row.tr.title = detail === null ? "" : "rejected: " + detail;
+  row.dirty = true;
+}
+
 function price(row, ltp, seq, epoch) {
+  if (row.rejected !== null) markRejected(row, null);
   row.last = ltp;
   if (row.open === null) row.open = ltp;
   row.high = row.high === null ? ltp : Math.max(row.high, ltp);
@@ -121,7 +133,10 @@ function onMessage(event) {
       if (row && row.resuming && !msg.recovered) {
         notice(msg.symbol + ": ticks were missed while disconnected (the server's history did not cover the outage); showing the latest value");
       }
-      if (row) row.resuming = false;
+      if (row) {
+        row.resuming = false;
+        if (row.rejected !== null) markRejected(row, null);
+      }
       setState("live");
       break;
     case "KIND_LAGGED":
@@ -129,6 +144,7 @@ function onMessage(event) {
       notice(msg.symbol + ": " + (msg.dropped || 0) + " ticks missed (this page fell behind)");
       break;
     case "KIND_REJECTED":
+      if (row) markRejected(row, msg.detail || "");
       notice((msg.symbol ? msg.symbol + ": " : "") + "rejected: " + (msg.detail || ""));
       break;
     case "KIND_STALE":
@@ -172,7 +188,9 @@ function draw(row, now) {
   const c = row.tr.children;
   const chg = row.last === null ? null : row.last - row.open;
   const cls = chg > 0 ? "up" : chg < 0 ? "down" : "";
-  c[1].textContent = fmt(row.last, 4);
+  // A rejected row shows so where its price would be (the same width: the columns hold
+  // still), rather than a last price that is no longer live.
+  c[1].textContent = row.rejected === null ? fmt(row.last, 4) : "rejected";
   c[2].textContent = fmt(chg, 4); c[2].className = "chg " + cls;
   c[3].textContent = chg === null || !row.open ? "" : (100 * chg / row.open).toFixed(2) + "%";
   c[3].className = "pct " + cls;
