@@ -86,7 +86,8 @@ function addSymbol(symbol) {
 function removeSymbol(symbol) {
   const row = rows.get(symbol);
   if (!row) return;
-  send({ symbol, action: "ACTION_UNSUBSCRIBE" });
+  // A rejected symbol has no subscription to end (and a bad name would be rejected again).
+  if (row.rejected === null) send({ symbol, action: "ACTION_UNSUBSCRIBE" });
   row.tr.remove();
   rows.delete(symbol);
   keepAddress();
