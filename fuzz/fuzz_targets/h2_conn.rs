@@ -82,6 +82,7 @@ fuzz_target!(|data: &[u8]| {
         max_connection_age: None,
         stream_window: 65_535,
         connection_window: 65_535,
+        direct_publish: true,
     };
     let written = runtime.block_on(async {
         let (mut client, server) = tokio::io::duplex(1 << 16);

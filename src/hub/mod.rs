@@ -33,7 +33,7 @@ pub use conflation::{Conflator, Fold};
 use remote::Bus;
 pub use remote::{Applied, Interest, SyncWait};
 use ring::Ring;
-pub use ring::{Bell, Receiver};
+pub use ring::{Bell, DirectSink, Receiver};
 use tick::encode_tick;
 pub use tick::Tick;
 
@@ -385,13 +385,13 @@ impl Hub {
             }
         }
         if let Some(ring) = state.ring.as_mut() {
-            if ring.push(tick, config.channel_capacity.max(1)) {
+            if ring.push(Arc::clone(&tick), config.channel_capacity.max(1)) {
                 self.stats().overflowed.fetch_add(1, Ordering::Relaxed);
             }
-        }
-        slot.published.store(seq, Ordering::SeqCst);
-        if let Some(ring) = &state.ring {
-            ring.ring_bells();
+            slot.published.store(seq, Ordering::SeqCst);
+            ring.ring_bells(&tick);
+        } else {
+            slot.published.store(seq, Ordering::SeqCst);
         }
     }
 

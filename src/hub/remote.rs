@@ -324,7 +324,7 @@ impl Hub {
         for entry in self.shared.symbols.iter() {
             let state = entry.value().lock();
             if let Some(ring) = &state.ring {
-                ring.ring_bells();
+                ring.wake_all();
             }
             if let Some(conflation) = &state.conflation {
                 conflation.wake_all();

@@ -13,6 +13,15 @@
 //! marks the reader's bit in the bell's `news`, so a woken session looks only at the
 //! subscriptions that have something (12% faster in process, `benches/session.rs`).
 //!
+//! A publish can skip the bell: a bell with a `DirectSink` (a stream's HTTP/2
+//! connection, `transport::http2::direct`) is offered each tick its reader would be
+//! woken for, as long as the reader has taken everything before it; a sink that takes
+//! it frames the tick into the connection's buffer then and there, and the reader's
+//! position moves past it, so the session is neither woken nor polled (the NATS
+//! server's publish into each interested connection's buffer). Every `DIRECT_RUN`-th
+//! tick in a row goes the ordinary way, so the session hears of the ones sent for it
+//! (`Receiver::take_direct`: its counts and last seq) within that many ticks.
+//!
 //! The bell also serves as the session's doorbell for client requests
 //! (`requests_waker`): the request stream is polled with that waker and only when it
 //! rang, since each poll walks tonic, hyper and h2 (h2's connection lock included) and
@@ -29,6 +38,21 @@ use std::{
 };
 
 use super::{SymbolSlot, SymbolState, Tick};
+
+/// Ticks in a row a reader may be sent through its bell's sink before one goes the
+/// ordinary way (see the module docs): how far a direct stream's counters may trail.
+const DIRECT_RUN: u32 = 32;
+
+/// Where a publish may send a tick for a session without waking it (see the module
+/// docs). Called under the symbol's lock: it must not block or call back into the hub.
+pub trait DirectSink: Send + Sync + std::fmt::Debug {
+    /// Sends `tick` if the stream is open for it now (idle, with window and buffer
+    /// room); `false` leaves it to the session.
+    fn offer(&self, tick: &Tick) -> bool;
+
+    /// Ticks sent so far (the stream's counters add them to its own).
+    fn sent(&self) -> u64;
+}
 
 /// The ticks of one symbol still readable: consecutive seqs ending at the symbol's seq,
 /// at most the channel capacity of them. The hub keeps a ring only while it has readers.
@@ -53,8 +77,11 @@ struct Reader {
     /// The first seq the receiver has not taken, written under the symbol's lock by
     /// `Receiver::take`. Here rather than in the receiver's own allocation because a
     /// publish has just walked this array, so the store finds the line in cache: one
-    /// cold line fewer per take (callgrind's cache simulation).
+    /// cold line fewer per take (callgrind's cache simulation). A tick sent through the
+    /// bell's sink moves it too.
     next: u64,
+    /// Ticks sent through the sink since the receiver last took (see `DIRECT_RUN`).
+    run: u32,
 }
 
 impl Ring {
@@ -80,9 +107,30 @@ impl Ring {
         overflowed
     }
 
-    /// Marks the news of every reader and wakes those that sleep. Call it after the
+    /// Sends `tick` through the sink of every reader that can take it that way, and
+    /// marks the news of the others and wakes those that sleep. Call it after the
     /// symbol's published seq is stored.
-    pub(super) fn ring_bells(&self) {
+    pub(super) fn ring_bells(&mut self, tick: &Tick) {
+        for reader in &mut self.readers {
+            let Some(bell) = &reader.bell else {
+                continue;
+            };
+            // Only a reader with nothing untaken: its stream sends in seq order.
+            if reader.next == tick.seq && reader.run < DIRECT_RUN {
+                if let Some(sink) = bell.sink.get() {
+                    if sink.offer(tick) {
+                        reader.next += 1;
+                        reader.run += 1;
+                        continue;
+                    }
+                }
+            }
+            bell.ring(reader.hint);
+        }
+    }
+
+    /// Marks every reader's news and wakes those that sleep, with no tick to send.
+    pub(super) fn wake_all(&self) {
         for reader in &self.readers {
             if let Some(bell) = &reader.bell {
                 bell.ring(reader.hint);
@@ -103,6 +151,9 @@ pub struct Receiver {
     index: usize,
     /// The first seq not taken yet.
     next: u64,
+    /// The last seq sent through the bell's sink that the session has not heard of
+    /// (0: none; seqs start at 1).
+    direct_last: u64,
 }
 
 impl Receiver {
@@ -114,6 +165,7 @@ impl Receiver {
             bell: Some(Arc::clone(&bell.state)),
             hint: 0,
             next,
+            run: 0,
         };
         super::remote::receiver_joined(&slot, state);
         let ring = state.ring.get_or_insert_with(|| Ring {
@@ -132,7 +184,12 @@ impl Receiver {
                 ring.readers.len() - 1
             }
         };
-        Receiver { slot, index, next }
+        Receiver {
+            slot,
+            index,
+            next,
+            direct_last: 0,
+        }
     }
 
     /// Whether a tick this receiver has not taken has been published. Lock-free.
@@ -162,11 +219,31 @@ impl Receiver {
         first
     }
 
+    /// The last seq sent through the bell's sink since the last call, as of the last
+    /// take or `sync`.
+    pub fn take_direct(&mut self) -> Option<u64> {
+        Some(std::mem::take(&mut self.direct_last)).filter(|&last| last > 0)
+    }
+
+    /// Hears of the ticks sent through the bell's sink without taking any (for
+    /// `take_direct` before the subscription ends).
+    pub fn sync(&mut self) {
+        self.take_each(0, |_| {});
+    }
+
     fn take_each(&mut self, max: usize, mut each: impl FnMut(Arc<Tick>)) -> usize {
         let mut state = self.slot.lock();
         let Some(ring) = state.ring.as_mut() else {
             return 0;
         };
+        if let Some(reader) = ring.readers.get_mut(self.index) {
+            // Only the sink moves the ring's position past this one's.
+            if reader.next > self.next {
+                self.direct_last = reader.next - 1;
+                self.next = reader.next;
+            }
+            reader.run = 0;
+        }
         let Some(first) = ring.ticks.front().map(|t| t.seq) else {
             return 0;
         };
@@ -243,6 +320,8 @@ struct BellState {
     rung: AtomicBool,
     /// Kept across rings, so one registration serves every wake-up.
     task: Mutex<Option<Waker>>,
+    /// Where a publish may send this session's ticks itself (see the module docs).
+    sink: std::sync::OnceLock<Arc<dyn DirectSink>>,
 }
 
 impl Default for Bell {
@@ -252,6 +331,7 @@ impl Default for Bell {
             news: AtomicU64::new(0),
             rung: AtomicBool::new(true),
             task: Mutex::new(None),
+            sink: std::sync::OnceLock::new(),
         });
         Bell {
             requests_waker: Waker::from(Arc::clone(&state)),
@@ -264,6 +344,12 @@ impl Default for Bell {
 impl Bell {
     pub fn new() -> Bell {
         Bell::default()
+    }
+
+    /// Lets publishes send ticks through `sink` from now on (see the module docs); a
+    /// bell takes one sink for its life.
+    pub fn set_sink(&self, sink: Arc<dyn DirectSink>) {
+        let _ = self.state.sink.set(sink);
     }
 
     /// A waker that rings this bell's request doorbell: for other news that must be
@@ -368,162 +454,4 @@ impl BellState {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::{
-        sync::atomic::AtomicUsize,
-        task::{Context, Wake, Waker},
-    };
-
-    use super::*;
-    use crate::hub::{Delivery, Hub, HubConfig};
-
-    struct Count(AtomicUsize);
-
-    impl Wake for Count {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    #[test]
-    fn an_armed_bell_rings_once_for_any_number_of_ticks_and_symbols() {
-        let hub = Hub::new(HubConfig::default());
-        let mut bell = Bell::new();
-        let mut rxs: Vec<Receiver> = ["A", "B"]
-            .iter()
-            .map(|s| {
-                hub.declare(s).unwrap();
-                let sub = hub.subscribe_with(s, None, Delivery::Channel(&bell));
-                sub.unwrap().receiver.unwrap()
-            })
-            .collect();
-        rxs[0].set_hint(0b01);
-        rxs[1].set_hint(0b10);
-        let count = Arc::new(Count(AtomicUsize::new(0)));
-        let waker = Waker::from(Arc::clone(&count));
-        hub.publish("A", 1.0, 0).unwrap();
-        assert_eq!(count.0.load(Ordering::SeqCst), 0, "not armed: no wake");
-        assert_eq!(bell.take_news(), 0b01, "but the news is marked");
-        assert_eq!(bell.take_news(), 0);
-        bell.arm(&waker);
-        for _ in 0..3 {
-            hub.publish("A", 1.0, 0).unwrap();
-            hub.publish("B", 1.0, 0).unwrap();
-        }
-        assert_eq!(count.0.load(Ordering::SeqCst), 1);
-        assert_eq!(bell.take_news(), 0b11);
-        let mut out = VecDeque::new();
-        assert!(rxs.iter().all(Receiver::has_news));
-        assert_eq!(rxs[0].take(10, &mut out), 4);
-        assert_eq!(rxs[1].take(2, &mut out), 2);
-        assert_eq!(rxs[1].pending(), 1);
-        assert!(!rxs[0].has_news());
-        bell.arm(&waker);
-        hub.publish("B", 1.0, 0).unwrap();
-        assert_eq!(count.0.load(Ordering::SeqCst), 2);
-    }
-
-    #[test]
-    fn answers_requests_once_per_ring_and_wakes_the_task() {
-        let task = Arc::new(Count(AtomicUsize::new(0)));
-        let waker = Waker::from(task.clone());
-        let cx = Context::from_waker(&waker);
-        let mut bell = Bell::new();
-        let polled_with = bell.answer_requests(&cx).expect("rung at first");
-        assert!(bell.answer_requests(&cx).is_none(), "nothing new");
-        polled_with.wake_by_ref();
-        assert_eq!(task.0.load(Ordering::SeqCst), 1, "the task is woken");
-        assert!(
-            bell.answer_requests(&cx).is_some(),
-            "rung by the request stream"
-        );
-        assert!(bell.answer_requests(&cx).is_none());
-        polled_with.wake_by_ref();
-        assert_eq!(task.0.load(Ordering::SeqCst), 2, "woken on every ring");
-        assert!(bell.answer_requests(&cx).is_some());
-        bell.ring_requests();
-        assert!(bell.answer_requests(&cx).is_some(), "rung from inside");
-        assert!(bell.take_news() == 0 && !bell.state.armed.load(Ordering::SeqCst));
-    }
-
-    #[test]
-    fn a_leaving_receiver_moves_no_other_and_its_entry_is_reused() {
-        let hub = Hub::new(HubConfig {
-            channel_capacity: 2,
-            ..HubConfig::default()
-        });
-        hub.publish("A", 1.0, 0).unwrap();
-        let bell = Bell::new();
-        let join = || {
-            let sub = hub.subscribe_with("A", None, Delivery::Channel(&bell));
-            sub.unwrap().receiver.unwrap()
-        };
-        let (mut a, b, mut c) = (join(), join(), join());
-        c.set_hint(0b100);
-        let readers = || {
-            let slot = hub.shared.symbols.get("A").unwrap();
-            let state = slot.lock();
-            state.ring.as_ref().map_or(0, |r| r.readers.len())
-        };
-        drop(b);
-        assert_eq!(readers(), 3, "the entry stays, vacant");
-        hub.publish("A", 2.0, 0).unwrap();
-        assert_eq!(bell.take_news(), 0b100, "c still has its own entry");
-        let mut out = VecDeque::new();
-        let first = c.take_first(32, &mut out).map(|t| t.seq);
-        assert_eq!(
-            (first, out.len()),
-            (Some(2), 0),
-            "a lone tick is not queued"
-        );
-        assert_eq!(a.try_next().map(|t| t.seq), Some(2));
-        // b left at seq 2; a and c took everything, so the ring drops nothing untaken
-        // however far it moves past b's old position.
-        for _ in 0..5 {
-            hub.publish("A", 3.0, 0).unwrap();
-            assert!(a.try_next().is_some() && c.try_next().is_some());
-        }
-        assert_eq!(hub.stats().overflowed.load(Ordering::Relaxed), 0);
-        let mut d = join();
-        assert_eq!(readers(), 3, "d took b's entry");
-        hub.publish("A", 4.0, 0).unwrap();
-        hub.publish("A", 5.0, 0).unwrap();
-        assert_eq!(d.take_first(32, &mut out).map(|t| t.seq), Some(8));
-        assert_eq!(
-            out.pop_front().map(|t| t.seq),
-            Some(9),
-            "the rest is queued"
-        );
-        for rx in [&mut a, &mut c] {
-            while rx.try_next().is_some() {}
-        }
-        assert!(d.take_first(32, &mut out).is_none());
-        hub.publish("A", 6.0, 0).unwrap();
-        hub.publish("A", 7.0, 0).unwrap();
-        for rx in [&mut a, &mut c] {
-            while rx.try_next().is_some() {}
-        }
-        assert_eq!(hub.stats().overflowed.load(Ordering::Relaxed), 0);
-        hub.publish("A", 8.0, 0).unwrap();
-        assert_eq!(
-            hub.stats().overflowed.load(Ordering::Relaxed),
-            1,
-            "seq 10 left the ring untaken by d alone: d's position is in its entry"
-        );
-    }
-
-    #[test]
-    fn the_ring_is_freed_with_its_last_receiver() {
-        let hub = Hub::new(HubConfig::default());
-        hub.publish("A", 1.0, 0).unwrap();
-        let a = hub.subscribe("A").unwrap().receiver.unwrap();
-        let b = hub.subscribe("A").unwrap().receiver.unwrap();
-        hub.publish("A", 2.0, 0).unwrap();
-        assert_eq!(hub.receiver_count("A"), 2);
-        drop(a);
-        assert_eq!(hub.receiver_count("A"), 1);
-        drop(b);
-        assert_eq!(hub.receiver_count("A"), 0);
-        assert!(hub.shared.symbols.get("A").unwrap().lock().ring.is_none());
-    }
-}
+mod tests;

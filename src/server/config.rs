@@ -106,6 +106,14 @@ pub struct Config {
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub io_threads: u16,
 
+    /// Lets a publish frame each tick straight into the connection buffer of every
+    /// idle gRPC stream that wants it, instead of waking the stream to do it (the
+    /// NATS server's publish; `--http2 tickerd` only). Streams that are behind, have
+    /// replies queued or no window left are served from their rings as always.
+    #[arg(long, env = "TICKERD_DIRECT_PUBLISH", default_value_t = true,
+          action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub direct_publish: bool,
+
     /// The HTTP/2 implementation of the gRPC port: `tickerd`, the server's own (one
     /// task and one write buffer per connection, for all its streams), or `hyper`
     /// (hyper and h2, as tonic serves). Both serve the same RPCs under the same limits.

@@ -399,6 +399,7 @@ impl Server {
                     max_connection_age: age.map(|age| (age, config.max_connection_age_grace)),
                     stream_window: http2::STREAM_WINDOW,
                     connection_window: http2::CONNECTION_WINDOW,
+                    direct_publish: config.direct_publish,
                 };
                 let mut shards = Shards::start(others, &options, &metrics, &stop_accepting, {
                     let (stack, h2) = (Arc::clone(&stack), h2.clone());

@@ -198,7 +198,13 @@ impl Session {
                 self.todo &= !bit;
                 return None;
             }
-            receiver.take_first(TAKE_BATCH, taken)
+            let first = receiver.take_first(TAKE_BATCH, taken);
+            if let Some(last) = receiver.take_direct() {
+                // Sent by publishes straight into the connection (`hub::DirectSink`,
+                // which counts them for `StreamInfo`).
+                sub.last_seq = last;
+            }
+            first
         } else {
             taken.pop_front()
         };

@@ -48,7 +48,7 @@ use crate::{
     shutdown::Shutdown,
 };
 
-use policy::Sub;
+use policy::{Feed, Sub};
 pub use policy::{Policy, MAX_CONFLATE_HZ};
 
 /// Replies queued beyond this stop the session from reading further requests, so a
@@ -226,6 +226,27 @@ impl Session {
         }
     }
 
+    /// Lets publishes send this stream's ticks straight into its connection's buffer
+    /// while it is idle (`hub::DirectSink`; the HTTP/2 path's `--direct-publish`).
+    pub fn set_direct(&self, sink: std::sync::Arc<dyn crate::hub::DirectSink>) {
+        self.bell.set_sink(std::sync::Arc::clone(&sink));
+        let _ = self.ticket.info.direct.set(sink);
+    }
+
+    /// Hears of the ticks publishes sent for subscription `idx` straight into the
+    /// connection (see `set_direct`): its last seq.
+    pub(super) fn sync_direct(&mut self, idx: usize) {
+        let Some(sub) = self.subs.get_mut(idx) else {
+            return;
+        };
+        if let Feed::Channel { receiver, .. } = &mut sub.feed {
+            receiver.sync();
+            if let Some(last) = receiver.take_direct() {
+                sub.last_seq = last;
+            }
+        }
+    }
+
     /// Publishes this stream's counts in its `StreamInfo` (end of batch, and on drop).
     fn fold(&mut self) {
         let local = &mut self.local;
@@ -253,6 +274,9 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
+        for idx in 0..self.subs.len() {
+            self.sync_direct(idx);
+        }
         self.fold();
         self.ticket
             .metrics

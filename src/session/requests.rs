@@ -147,6 +147,7 @@ impl Session {
                 return self.push(control(Kind::Subscribed, symbol, "already subscribed"));
             }
             Some(idx) => {
+                self.sync_direct(idx);
                 let old = self.subs.remove(idx);
                 self.reindex();
                 self.ticket.metrics.subscriptions.dec();
@@ -291,6 +292,9 @@ impl Session {
         // it goes too.
         let before = self.subs.len();
         self.pending.retain(|p| &*p.symbol != symbol);
+        if let Some(idx) = self.subs.iter().position(|s| &*s.symbol == symbol) {
+            self.sync_direct(idx);
+        }
         self.subs.retain(|s| &*s.symbol != symbol);
         self.reindex();
         self.ticket

@@ -123,7 +123,7 @@ impl StreamTable {
         let closed = self.closed.lock().unwrap_or_else(|e| e.into_inner());
         let mut t = *closed;
         for s in self.open.iter() {
-            t.sent += s.sent.load(Ordering::Relaxed);
+            t.sent += s.sent();
             t.dropped += s.dropped.load(Ordering::Relaxed);
             t.lag_notices += s.lag_notices.load(Ordering::Relaxed);
         }
@@ -133,7 +133,7 @@ impl StreamTable {
     fn close(&self, id: u64, reason: &'static str) {
         let mut closed = self.closed.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, s)) = self.open.remove(&id) {
-            closed.sent += s.sent.load(Ordering::Relaxed);
+            closed.sent += s.sent();
             closed.dropped += s.dropped.load(Ordering::Relaxed);
             closed.lag_notices += s.lag_notices.load(Ordering::Relaxed);
             let mut view = s.view();
@@ -340,6 +340,7 @@ impl Metrics {
                 .map_or(0, |d| d.as_secs()),
             subscriptions: AtomicU64::new(0),
             sent: AtomicU64::new(0),
+            direct: std::sync::OnceLock::new(),
             dropped: AtomicU64::new(0),
             lag_notices: AtomicU64::new(0),
             behind: AtomicU64::new(0),
@@ -413,6 +414,8 @@ pub struct StreamInfo {
     pub lag_notices: AtomicU64,
     /// Ticks published to its symbols that it has not sent yet (updated at most 4×/s).
     pub behind: AtomicU64,
+    /// Where publishes send its ticks themselves, counting them (`hub::DirectSink`).
+    pub direct: std::sync::OnceLock<std::sync::Arc<dyn crate::hub::DirectSink>>,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
@@ -432,6 +435,11 @@ pub struct StreamView {
 }
 
 impl StreamInfo {
+    /// Ticks handed to the transport: by the session, and by publishes.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed) + self.direct.get().map_or(0, |d| d.sent())
+    }
+
     fn view(&self) -> StreamView {
         StreamView {
             id: self.id,
@@ -440,7 +448,7 @@ impl StreamInfo {
             principal: self.principal.clone(),
             age_seconds: self.started.elapsed().as_secs_f64(),
             subscriptions: self.subscriptions.load(Ordering::Relaxed),
-            ticks_sent: self.sent.load(Ordering::Relaxed),
+            ticks_sent: self.sent(),
             ticks_dropped: self.dropped.load(Ordering::Relaxed),
             behind: self.behind.load(Ordering::Relaxed),
             ended: None,

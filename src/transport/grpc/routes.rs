@@ -35,7 +35,7 @@ use crate::{
     ops::observe::MeteredBody,
     pb::{ticker_stream_service_server::TickerStreamService, SubscribeRequest, TickerRequest},
     session::{Outbound, Session},
-    transport::http2::{Appended, ResponseBody},
+    transport::http2::{Appended, Direct, ResponseBody},
     wire::{put_grpc_message, GRPC_PREFIX},
 };
 
@@ -174,8 +174,13 @@ async fn ticker_stream(
     limits: MessageLimits,
 ) -> Result<tonic::Response<Session>, Status> {
     check_uncompressed(&request)?;
+    let direct = request.extensions().get::<Direct>().cloned();
     let request = request.map(|body| decode_requests::<TickerRequest>(body, limits));
-    service.ticker_stream(Request::from_http(request)).await
+    let response = service.ticker_stream(Request::from_http(request)).await?;
+    if let Some(Direct(sink)) = direct {
+        response.get_ref().set_direct(sink);
+    }
+    Ok(response)
 }
 
 async fn subscribe(
@@ -184,13 +189,18 @@ async fn subscribe(
     limits: MessageLimits,
 ) -> Result<tonic::Response<Session>, Status> {
     check_uncompressed(&request)?;
+    let direct = request.extensions().get::<Direct>().cloned();
     let (parts, body) = request.into_parts();
     let mut messages = decode_requests::<SubscribeRequest>(body, limits);
     let message = messages.message().await?.ok_or_else(|| {
         Status::invalid_argument("Subscribe takes one SubscribeRequest; the request had none")
     })?;
     let request = Request::from_http(http::Request::from_parts(parts, message));
-    service.subscribe(request).await
+    let response = service.subscribe(request).await?;
+    if let Some(Direct(sink)) = direct {
+        response.get_ref().set_direct(sink);
+    }
+    Ok(response)
 }
 
 /// The HTTP response of an opened stream, or the trailers-only reply of a refused one.

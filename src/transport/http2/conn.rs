@@ -31,6 +31,7 @@ use tokio::{
 use tonic::body::Body;
 
 use super::{
+    direct::StreamSink,
     frame::{self, Error, Frame, Head},
     headers::{self, Refused},
     stream::{self, Sender, Shared, StreamWake},
@@ -38,6 +39,7 @@ use super::{
 };
 use crate::auth::PeerInfo;
 
+mod direct;
 mod drive;
 mod frames;
 
@@ -135,6 +137,8 @@ struct Stream<B> {
     wake: Arc<StreamWake>,
     waker: Waker,
     send_window: i64,
+    /// Where publishes frame its ticks while it is idle (`direct`; with the option).
+    sink: Option<Arc<StreamSink>>,
     /// DATA polled from the body that the windows did not let out yet.
     pending: Option<Bytes>,
     /// On `conn_blocked` or `deferred` already: a stream woken again while it waits is
@@ -372,6 +376,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, B: ResponseBody> Connection<IO, B> {
     }
 
     fn reset(&mut self, id: u32, code: u32) {
+        self.direct_close(id);
         frame::put_reset(&mut self.w.out, id, code);
         self.remove(id, code);
     }

@@ -11,6 +11,7 @@
 //! connection's task and its ticks are appended to the connection's buffer.
 
 mod conn;
+mod direct;
 pub mod frame;
 pub mod headers;
 mod stream;
@@ -34,6 +35,7 @@ use tower_service::Service;
 use crate::transport::incoming::Incoming;
 use conn::Connection;
 pub use conn::{Appended, ResponseBody, Serve};
+pub use direct::Direct;
 use stream::Shared;
 
 /// Tells every connection of one `serve` to drain: a flag each wake-up reads without a
@@ -109,6 +111,9 @@ pub struct Options {
     /// The receive windows granted: per stream and per connection.
     pub stream_window: u32,
     pub connection_window: u32,
+    /// Publishes frame ticks straight into the connection's buffer for idle streams
+    /// (`direct`; the `--direct-publish` flag).
+    pub direct_publish: bool,
 }
 
 /// A tower service (tonic's router with the server's layers) as `serve` and

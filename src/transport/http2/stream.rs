@@ -27,6 +27,8 @@ pub struct Shared {
     pub ready: Mutex<Vec<u32>>,
     /// Request bytes read by the service, per stream, to give back as window.
     pub released: Mutex<Vec<(u32, usize)>>,
+    /// What publishes framed for its streams (`direct`).
+    pub direct: Mutex<super::direct::SideBuffer>,
 }
 
 impl Shared {

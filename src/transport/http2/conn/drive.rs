@@ -6,6 +6,7 @@ use super::*;
 impl<IO: AsyncRead + AsyncWrite + Unpin, B: ResponseBody> Connection<IO, B> {
     /// Polls stream `id` as far as its windows and the buffer allow.
     fn drive(&mut self, id: u32) -> Parked {
+        self.direct_close(id);
         let Some(s) = self.streams.get_mut(&id) else {
             return Parked::Finished;
         };
@@ -88,6 +89,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, B: ResponseBody> Connection<IO, B> {
                 }
                 Poll::Pending => {
                     w.out.truncate(head);
+                    // Idle with nothing held: next in its order is whatever ticks next.
+                    Self::direct_open(&self.shared, s);
                     return Parked::Nothing;
                 }
                 Poll::Ready(_) => w.out.truncate(head),
@@ -368,6 +371,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, B: ResponseBody> Connection<IO, B> {
             self.poll_timers(cx);
         }
         for _ in 0..PASSES {
+            self.direct_reclaim();
             let mut again = false;
             if self.closing.is_none() && self.w.out.len() < HIGH_WATER {
                 if let Err(e) = self.read_frames() {
@@ -422,6 +426,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, B: ResponseBody> Connection<IO, B> {
             // Room again: the streams and frames held back by a full buffer go on.
             again |= full && self.w.out.len() < HIGH_WATER;
             if !again {
+                self.direct_lend();
                 return Poll::Pending;
             }
         }

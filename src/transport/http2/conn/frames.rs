@@ -139,6 +139,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, B: ResponseBody> Connection<IO, B> {
                     }
                     let delta = value - self.peer_initial_window;
                     self.peer_initial_window = value;
+                    if self.options.direct_publish {
+                        let ids: Vec<u32> = self.streams.keys().copied().collect();
+                        for id in ids {
+                            self.direct_close(id);
+                        }
+                    }
                     for (id, s) in self.streams.iter_mut() {
                         let was = s.send_window;
                         s.send_window += delta;
@@ -184,6 +190,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, B: ResponseBody> Connection<IO, B> {
         if id > self.last_stream {
             return Err(frame::error(frame::PROTOCOL_ERROR, "WINDOW_UPDATE on idle"));
         }
+        // Its window back from its sink, if open; a publish then rings the session,
+        // and the stream's next poll opens the sink again.
+        self.direct_close(id);
         let Some(s) = self.streams.get_mut(&id) else {
             return Ok(());
         };
@@ -333,6 +342,15 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, B: ResponseBody> Connection<IO, B> {
         let (parts, ()) = head.into_parts();
         let mut request = Request::from_parts(parts, body);
         request.extensions_mut().insert(self.peer.clone());
+        let sink = self
+            .options
+            .direct_publish
+            .then(|| StreamSink::new(id, Arc::clone(&self.shared)));
+        if let Some(sink) = &sink {
+            request
+                .extensions_mut()
+                .insert(super::super::Direct(Arc::clone(sink)));
+        }
         let deadline =
             stream::grpc_timeout(request.headers()).map(|d| Box::pin(tokio::time::sleep(d)));
         let call = (self.serve)(request);
@@ -345,6 +363,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, B: ResponseBody> Connection<IO, B> {
                 sender,
                 recv_window: i64::from(self.options.stream_window),
                 send_window: self.peer_initial_window,
+                sink,
                 phase: Phase::Calling(call),
                 pending: None,
                 trailers: None,
