@@ -257,12 +257,16 @@ impl Session {
             info.lag_notices.store(local.lag_notices, Ordering::Relaxed);
         }
         if std::mem::take(&mut local.refresh_behind) {
+            // The last seqs publishes sent straight to the connection, first.
+            for idx in 0..self.subs.len() {
+                self.sync_direct(idx);
+            }
             let behind: u64 = self
                 .subs
                 .iter()
                 .map(|s| s.watch.seq().saturating_sub(s.last_seq))
                 .sum();
-            info.behind.store(behind, Ordering::Relaxed);
+            self.ticket.info.behind.store(behind, Ordering::Relaxed);
         }
     }
 
