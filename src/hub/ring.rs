@@ -346,6 +346,11 @@ impl Bell {
         Bell::default()
     }
 
+    /// Whether publishes may send ticks through a sink (see `set_sink`).
+    pub fn has_sink(&self) -> bool {
+        self.state.sink.get().is_some()
+    }
+
     /// Lets publishes send ticks through `sink` from now on (see the module docs); a
     /// bell takes one sink for its life.
     pub fn set_sink(&self, sink: Arc<dyn DirectSink>) {

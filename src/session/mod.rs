@@ -236,6 +236,9 @@ impl Session {
     /// Hears of the ticks publishes sent for subscription `idx` straight into the
     /// connection (see `set_direct`): its last seq.
     pub(super) fn sync_direct(&mut self, idx: usize) {
+        if !self.bell.has_sink() {
+            return;
+        }
         let Some(sub) = self.subs.get_mut(idx) else {
             return;
         };
