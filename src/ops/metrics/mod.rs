@@ -23,7 +23,6 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use serde::Serialize;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::{
@@ -32,6 +31,9 @@ use crate::{
 };
 
 mod cluster;
+mod streams;
+
+pub use streams::{StreamInfo, StreamView};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RpcLabel {
@@ -396,63 +398,6 @@ pub struct StreamTicket {
 impl Drop for StreamTicket {
     fn drop(&mut self) {
         self.metrics.close_stream(&self.info, self.reason);
-    }
-}
-
-/// What /streams shows of one open stream; the session keeps it current per batch.
-#[derive(Debug)]
-pub struct StreamInfo {
-    pub id: u64,
-    pub rpc: &'static str,
-    pub peer: String,
-    pub principal: String,
-    pub started: Instant,
-    pub started_unix: u64,
-    pub subscriptions: AtomicU64,
-    pub sent: AtomicU64,
-    pub dropped: AtomicU64,
-    pub lag_notices: AtomicU64,
-    /// Ticks published to its symbols that it has not sent yet (updated at most 4×/s).
-    pub behind: AtomicU64,
-    /// Where publishes send its ticks themselves, counting them (`hub::DirectSink`).
-    pub direct: std::sync::OnceLock<std::sync::Arc<dyn crate::hub::DirectSink>>,
-}
-
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
-pub struct StreamView {
-    pub id: u64,
-    pub rpc: String,
-    pub peer: String,
-    pub principal: String,
-    pub age_seconds: f64,
-    pub subscriptions: u64,
-    pub ticks_sent: u64,
-    pub ticks_dropped: u64,
-    pub behind: u64,
-    /// Why it ended (`client_cancel`, `token_expired`, ...); only in /streams/ended.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ended: Option<String>,
-}
-
-impl StreamInfo {
-    /// Ticks handed to the transport: by the session, and by publishes.
-    pub fn sent(&self) -> u64 {
-        self.sent.load(Ordering::Relaxed) + self.direct.get().map_or(0, |d| d.sent())
-    }
-
-    fn view(&self) -> StreamView {
-        StreamView {
-            id: self.id,
-            rpc: self.rpc.to_string(),
-            peer: self.peer.clone(),
-            principal: self.principal.clone(),
-            age_seconds: self.started.elapsed().as_secs_f64(),
-            subscriptions: self.subscriptions.load(Ordering::Relaxed),
-            ticks_sent: self.sent(),
-            ticks_dropped: self.dropped.load(Ordering::Relaxed),
-            behind: self.behind.load(Ordering::Relaxed),
-            ended: None,
-        }
     }
 }
 
