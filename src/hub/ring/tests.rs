@@ -10,6 +10,16 @@ use crate::hub::{Delivery, Hub, HubConfig};
 
 struct Count(AtomicUsize);
 
+/// A hub whose rings keep `capacity` ticks, with one tick of "A" published.
+fn hub_with_a(capacity: usize) -> Hub {
+    let hub = Hub::new(HubConfig {
+        channel_capacity: capacity,
+        ..HubConfig::default()
+    });
+    hub.publish("A", 1.0, 0).unwrap();
+    hub
+}
+
 impl Wake for Count {
     fn wake(self: Arc<Self>) {
         self.0.fetch_add(1, Ordering::SeqCst);
@@ -79,11 +89,7 @@ fn answers_requests_once_per_ring_and_wakes_the_task() {
 
 #[test]
 fn a_leaving_receiver_moves_no_other_and_its_entry_is_reused() {
-    let hub = Hub::new(HubConfig {
-        channel_capacity: 2,
-        ..HubConfig::default()
-    });
-    hub.publish("A", 1.0, 0).unwrap();
+    let hub = hub_with_a(2);
     let bell = Bell::new();
     let join = || {
         let sub = hub.subscribe_with("A", None, Delivery::Channel(&bell));
@@ -179,21 +185,19 @@ impl DirectSink for Sink {
     }
 }
 
-#[test]
-fn a_sink_takes_ticks_in_order_and_the_receiver_hears_of_them() {
-    let hub = Hub::new(HubConfig {
-        channel_capacity: 4,
-        ..HubConfig::default()
-    });
-    hub.publish("A", 1.0, 0).unwrap();
-    let mut bell = Bell::new();
+/// A receiver of "A" rung through `bell`, which gets a (closed) sink.
+fn direct_reader(hub: &Hub, bell: &Bell) -> (Arc<Sink>, Receiver) {
     let sink = Arc::new(Sink::default());
     bell.set_sink(sink.clone());
-    let mut rx = hub
-        .subscribe_with("A", None, Delivery::Channel(&bell))
-        .unwrap()
-        .receiver
-        .unwrap();
+    let sub = hub.subscribe_with("A", None, Delivery::Channel(bell));
+    (sink, sub.unwrap().receiver.unwrap())
+}
+
+#[test]
+fn a_sink_takes_ticks_in_order_and_the_receiver_hears_of_them() {
+    let hub = hub_with_a(4);
+    let mut bell = Bell::new();
+    let (sink, mut rx) = direct_reader(&hub, &bell);
     rx.set_hint(1);
     let count = Arc::new(Count(AtomicUsize::new(0)));
     let waker = Waker::from(Arc::clone(&count));
@@ -238,17 +242,10 @@ fn a_sink_takes_ticks_in_order_and_the_receiver_hears_of_them() {
 
 #[test]
 fn every_direct_run_th_tick_goes_the_ordinary_way() {
-    let hub = Hub::new(HubConfig::default());
-    hub.publish("A", 1.0, 0).unwrap();
+    let hub = hub_with_a(4096);
     let bell = Bell::new();
-    let sink = Arc::new(Sink::default());
+    let (sink, mut rx) = direct_reader(&hub, &bell);
     sink.open.store(true, Ordering::SeqCst);
-    bell.set_sink(sink.clone());
-    let mut rx = hub
-        .subscribe_with("A", None, Delivery::Channel(&bell))
-        .unwrap()
-        .receiver
-        .unwrap();
     for _ in 0..DIRECT_RUN + 1 {
         hub.publish("A", 2.0, 0).unwrap();
     }
