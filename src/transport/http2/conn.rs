@@ -90,7 +90,7 @@ pub enum Appended {
 impl ResponseBody for tonic::body::Body {}
 
 /// The outbound buffer's bound: past it no stream is polled and the socket is not read.
-const HIGH_WATER: usize = 64 * 1024;
+pub(super) const HIGH_WATER: usize = 64 * 1024;
 /// Empty DATA frames in a row (no END_STREAM) that end the connection.
 const MAX_EMPTY_DATA: u32 = 1_000;
 /// A header block (HEADERS and its CONTINUATIONs) longer than this many times the

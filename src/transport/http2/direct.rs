@@ -13,7 +13,7 @@ use std::sync::{
 
 use bytes::BytesMut;
 
-use super::{frame, stream::Shared};
+use super::{conn::HIGH_WATER, frame, stream::Shared};
 use crate::hub::{DirectSink, Tick};
 
 /// What publishes framed since the connection's last pass, and the connection window
@@ -23,9 +23,6 @@ pub struct SideBuffer {
     pub out: BytesMut,
     pub conn_budget: i64,
 }
-
-/// The side buffer's bound, besides the window lent: as the connection's own.
-pub const SIDE_HIGH_WATER: usize = 64 * 1024;
 
 pub fn lock(m: &Mutex<SideBuffer>) -> MutexGuard<'_, SideBuffer> {
     // A panic while holding it leaves bytes and a number: still usable.
@@ -75,7 +72,8 @@ impl DirectSink for StreamSink {
         let fits = n as i64 <= budget
             && n as i64 <= side.conn_budget
             && n <= frame::DEFAULT_MAX_FRAME as usize
-            && side.out.len() + frame::HEAD + n <= SIDE_HIGH_WATER;
+            // Bounded as the connection's own buffer, besides the window lent.
+            && side.out.len() + frame::HEAD + n <= HIGH_WATER;
         if !self.open.load(Ordering::Relaxed) || !fits {
             return false;
         }

@@ -30,7 +30,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, B: ResponseBody> Connection<IO, B> {
         if !self.options.direct_publish || self.closing.is_some() {
             return;
         }
-        let room = direct::SIDE_HIGH_WATER.saturating_sub(self.w.out.len()) as i64;
+        let room = HIGH_WATER.saturating_sub(self.w.out.len()) as i64;
         let lend = self.w.conn_window.min(room);
         if lend > 0 {
             direct::lock(&self.shared.direct).conn_budget += lend;
