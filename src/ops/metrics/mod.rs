@@ -116,6 +116,8 @@ pub const ENDED_KEPT: usize = 1024;
 #[derive(Debug, Default, Clone, Copy)]
 struct Totals {
     sent: u64,
+    /// Of `sent`, the ticks publishes framed themselves (`hub::DirectSink`).
+    direct: u64,
     dropped: u64,
     lag_notices: u64,
 }
@@ -126,6 +128,7 @@ impl StreamTable {
         let mut t = *closed;
         for s in self.open.iter() {
             t.sent += s.sent();
+            t.direct += s.sent_direct();
             t.dropped += s.dropped.load(Ordering::Relaxed);
             t.lag_notices += s.lag_notices.load(Ordering::Relaxed);
         }
@@ -136,6 +139,7 @@ impl StreamTable {
         let mut closed = self.closed.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, s)) = self.open.remove(&id) {
             closed.sent += s.sent();
+            closed.direct += s.sent_direct();
             closed.dropped += s.dropped.load(Ordering::Relaxed);
             closed.lag_notices += s.lag_notices.load(Ordering::Relaxed);
             let mut view = s.view();
@@ -475,6 +479,11 @@ impl Collector for HubCollector {
                 "ticks_delivered",
                 "Ticks handed to the transport, over all streams",
                 totals.sent,
+            ),
+            (
+                "ticks_delivered_direct",
+                "Of ticks_delivered, those a publish framed straight into the connection's buffer (--direct-publish)",
+                totals.direct,
             ),
             (
                 "ticks_dropped",

@@ -52,7 +52,12 @@ pub struct StreamView {
 impl StreamInfo {
     /// Ticks handed to the transport: by the session, and by publishes.
     pub fn sent(&self) -> u64 {
-        self.sent.load(Ordering::Relaxed) + self.direct.get().map_or(0, |d| d.sent())
+        self.sent.load(Ordering::Relaxed) + self.sent_direct()
+    }
+
+    /// Of `sent`, the ticks publishes framed themselves.
+    pub fn sent_direct(&self) -> u64 {
+        self.direct.get().map_or(0, |d| d.sent())
     }
 
     pub(super) fn view(&self) -> StreamView {
