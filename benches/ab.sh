@@ -25,6 +25,7 @@ cargo build --release --quiet --bin tickerd-bench
 declare -A runs
 for _ in $(seq "$RUNS"); do
   for build in "$@"; do
+    (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && { echo "benches/ab.sh: port $PORT is taken: another server would be measured" >&2; exit 1; }
     if [ "$build" = grpc-go ]; then
       [ -x "$GO_PEER_DIR/bin/go-peer" ] || "$GO_PEER_DIR/build.sh" --no-test
       # shellcheck disable=SC2086
@@ -35,6 +36,7 @@ for _ in $(seq "$RUNS"); do
     fi
     pid=$!
     for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.1; done
+    kill -0 "$pid" 2>/dev/null || { echo "benches/ab.sh: the server exited (port $PORT taken?): $(tail -n 2 /tmp/ab-server.log)" >&2; exit 1; }
     report=$(./target/release/tickerd-bench --server "http://127.0.0.1:$PORT" --server-pid "$pid" \
       --layout "$LAYOUT" --rate "$RATE" --duration "$DURATION" --warmup 2s --json)
     kill "$pid"; wait "$pid" 2>/dev/null || true

@@ -14,9 +14,11 @@ GO_PEER_ARGS=${GO_PEER_ARGS:-}
 
 run() { # name port command...
   local name=$1 port=$2; shift 2
+  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && { echo "benches/compare.sh: port $port is taken: another server would be measured" >&2; exit 1; }
   "$@" > "/tmp/compare-$name.log" 2>&1 &
   local pid=$!
   for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+  kill -0 "$pid" 2>/dev/null || { echo "benches/compare.sh: the server exited (port $port taken?): $(tail -n 2 "/tmp/compare-$name.log")" >&2; exit 1; }
   echo "== $name"
   ./target/release/tickerd-bench --server "http://127.0.0.1:$port" --server-pid "$pid" "${BENCH_ARGS[@]}" || true
   kill "$pid"; wait "$pid" 2>/dev/null || true

@@ -28,9 +28,11 @@ perf stat -e syscalls:sys_enter_write -- true >/dev/null 2>&1 ||
 
 run() { # server-name port rate command...
   local name=$1 port=$2 rate=$3; shift 3
+  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && { echo "benches/writepath.sh: port $port is taken: another server would be measured" >&2; exit 1; }
   "$@" > "/tmp/writepath-$name.log" 2>&1 &
   local pid=$!
   for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+  kill -0 "$pid" 2>/dev/null || { echo "benches/writepath.sh: the server exited (port $port taken?): $(tail -n 2 "/tmp/writepath-$name.log")" >&2; exit 1; }
   local counts
   counts=$(mktemp)
   ./target/release/tickerd-bench --server "http://127.0.0.1:$port" --server-pid "$pid" \
