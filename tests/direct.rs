@@ -158,24 +158,14 @@ async fn churn_keeps_each_symbols_order_and_the_counts_exact() {
         assert_eq!(view.ticks_sent, ticks, "direct {direct}: {views:?}");
         assert_eq!(view.ticks_dropped, 0, "direct {direct}");
         // The totals too, and the share publishes framed themselves.
-        let (_, metrics) = server.http_get("/metrics").await;
-        assert_eq!(counter(&metrics, "tickerd_ticks_delivered_total"), ticks);
-        let framed = counter(&metrics, "tickerd_ticks_delivered_direct_total");
+        assert_eq!(server.counter("tickerd_ticks_delivered_total").await, ticks);
+        let framed = server.counter("tickerd_ticks_delivered_direct_total").await;
         if direct {
             assert!(framed > 0 && framed <= ticks, "{framed} of {ticks}");
         } else {
             assert_eq!(framed, 0);
         }
     }
-}
-
-/// An unlabelled counter's value in a /metrics text.
-fn counter(metrics: &str, name: &str) -> u64 {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {metrics}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -124,6 +124,14 @@ impl TestServer {
         http_get(self.metrics_addr, path).await
     }
 
+    /// An unlabelled counter's value on /metrics (`tickerd_ticks_delivered_total`).
+    pub async fn counter(&self, name: &str) -> u64 {
+        let (_, body) = self.http_get("/metrics").await;
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{name} not in /metrics: {body}")) as u64
+    }
+
     /// /metrics once it shows `needle`, polled like `eventually`: for counters the server
     /// bumps after the client has already seen the outcome (a refused handshake).
     pub async fn metrics_showing(&self, needle: &str) -> String {

@@ -263,13 +263,6 @@ async fn collect_ended(server: &TestServer, ended: &mut Ledger) {
 }
 
 /// The server's total of a counter from /metrics.
-async fn total(server: &TestServer, name: &str) -> u64 {
-    let (_, body) = server.http_get("/metrics").await;
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
-        .unwrap_or_else(|| panic!("{name} not in /metrics")) as u64
-}
-
 /// The exact accounting described at the top.
 async fn account(server: &TestServer, finals: &[Final], ended: &mut Ledger, faults: &Faults) {
     let fault = |what: String| faults.lock().unwrap().push(what);
@@ -305,8 +298,8 @@ async fn account(server: &TestServer, finals: &[Final], ended: &mut Ledger, faul
     let (sent, dropped) = views
         .iter()
         .fold((0, 0), |(s, d), v| (s + v.sent, d + v.dropped));
-    let server_sent = total(server, "tickerd_ticks_delivered_total").await;
-    let server_dropped = total(server, "tickerd_ticks_dropped_total").await;
+    let server_sent = server.counter("tickerd_ticks_delivered_total").await;
+    let server_dropped = server.counter("tickerd_ticks_dropped_total").await;
     if (server_sent, server_dropped) != (sent, dropped) {
         fault(format!(
             "server totals sent {server_sent} dropped {server_dropped}, its streams' sums {sent} {dropped}"
