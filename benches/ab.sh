@@ -9,10 +9,12 @@
 # The word grpc-go stands for the reference peer ($GO_PEER_DIR/bin/go-peer, default
 # ../shared/reference/go-peer), for runs paired with it:
 #   benches/ab.sh 4 target/release/tickerd grpc-go; benches/ab.sh 4 grpc-go target/release/tickerd
-# Prints, per build: each run's "CPU µs per delivery / p99 µs / share delivered", then the
-# median CPU. JSONL=path appends each run's report, one line with the build, to that file.
+# Prints, per build: each run's "CPU µs per delivery / p99 µs / share delivered / the
+# server's preemptions per second", then the median CPU. JSONL=path appends each run's report, one line with the build, to that file.
 # SERVER_PREFIX runs every server, grpc-go's too, under a command that execs it (e.g.
-# "chrt -f 1": real-time priority, so the load generator's threads never preempt it).
+# "chrt -f 1": real-time priority, so the load generator's threads never preempt it);
+# LOADGEN_PREFIX the same for the load generator (e.g. SERVER_PREFIX="taskset -c 0"
+# LOADGEN_PREFIX="taskset -c 1": each on a core of its own).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=$1; shift
@@ -37,11 +39,14 @@ for _ in $(seq "$RUNS"); do
     pid=$!
     for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.1; done
     kill -0 "$pid" 2>/dev/null || { echo "benches/ab.sh: the server exited (port $PORT taken?): $(tail -n 2 /tmp/ab-server.log)" >&2; exit 1; }
-    report=$(./target/release/tickerd-bench --server "http://127.0.0.1:$PORT" --server-pid "$pid" \
+    # shellcheck disable=SC2086
+    report=$(${LOADGEN_PREFIX:-} ./target/release/tickerd-bench --server "http://127.0.0.1:$PORT" --server-pid "$pid" \
       --layout "$LAYOUT" --rate "$RATE" --duration "$DURATION" --warmup 2s --json)
     kill "$pid"; wait "$pid" 2>/dev/null || true
     run=$(python3 -c 'import json,sys; s=json.loads(sys.argv[1])["steps"][0]
-print("%.3f/%d/%.4f" % (s["server_cpu_us_per_delivery"], s["latency_us"]["p99"], s["delivery_ratio"]))' "$report")
+p = s.get("server_preemptions_per_sec")
+print("%.3f/%d/%.4f/%s" % (s["server_cpu_us_per_delivery"], s["latency_us"]["p99"], s["delivery_ratio"],
+      "-" if p is None else "%.0f" % p))' "$report")
     runs[$build]="${runs[$build]:-} $run"
     if [ -n "${JSONL:-}" ]; then
       python3 -c 'import json,sys; r=json.loads(sys.argv[1]); r["build"]=sys.argv[2]

@@ -49,6 +49,34 @@ async fn every_published_tick_is_counted_delivered_with_its_latency() {
 }
 
 #[tokio::test]
+async fn the_servers_cpu_and_context_switches_are_reported() {
+    // The test server runs in this process: its threads are this pid's.
+    let server = TestServer::start().await;
+    let pid = std::process::id().to_string();
+    let Report::Run { steps, .. } = loadgen::run(options(&server, &["--server-pid", &pid]))
+        .await
+        .unwrap()
+    else {
+        panic!("a run report was expected");
+    };
+    let [step] = &steps[..] else {
+        panic!("one step expected, got {}", steps.len())
+    };
+    assert!(step.server_cpu_seconds.is_some_and(|c| c > 0.0), "{step:?}");
+    // Publishing in 1 ms rounds, the server's threads sleep between them.
+    assert!(
+        step.server_sleeps_per_sec.is_some_and(|s| s > 0.0),
+        "{step:?}"
+    );
+    assert!(step.server_preemptions_per_sec.is_some(), "{step:?}");
+    // Without --server-pid there is nothing to read.
+    let Report::Run { steps, .. } = loadgen::run(options(&server, &[])).await.unwrap() else {
+        panic!("a run report was expected");
+    };
+    assert!(steps[0].server_sleeps_per_sec.is_none() && steps[0].server_cpu_seconds.is_none());
+}
+
+#[tokio::test]
 async fn the_tonic_reader_counts_the_same() {
     every_tick_counted(&["--reader", "tonic"]).await;
 }

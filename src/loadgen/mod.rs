@@ -268,6 +268,7 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
     for (i, step) in schedule.steps.iter().enumerate() {
         sleep_until_unix(step.measure_from).await;
         let each_start: Vec<Option<f64>> = pids.iter().map(|p| procfs::cpu_seconds(p)).collect();
+        let switches_start = procfs::context_switches_of(&pids);
         let cpu_start = (
             procfs::cpu_seconds_of(&pids),
             procfs::cpu_seconds("self"),
@@ -275,6 +276,7 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
         );
         sleep_until_unix(step.end).await;
         let each_end: Vec<Option<f64>> = pids.iter().map(|p| procfs::cpu_seconds(p)).collect();
+        let switches_end = procfs::context_switches_of(&pids);
         let cpu_end = (
             procfs::cpu_seconds_of(&pids),
             procfs::cpu_seconds("self"),
@@ -311,6 +313,11 @@ pub async fn run(opts: Options) -> Result<Report, Error> {
                 .zip(&each_start)
                 .filter_map(|(e, s)| e.zip(*s).map(|(e, s)| e - s))
                 .collect(),
+        )
+        .with_server_switches(
+            switches_end
+                .zip(switches_start)
+                .map(|(e, s)| (e.0.saturating_sub(s.0), e.1.saturating_sub(s.1))),
         );
         let passed = report.passes(opts.min_delivery, opts.max_p99);
         steps.push(report);

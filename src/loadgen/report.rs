@@ -70,6 +70,11 @@ pub struct StepReport {
     pub bus_cpu_seconds: Option<f64>,
     /// Each server's CPU, in `--server-pid` order (a cluster's nodes).
     pub server_cpu_seconds_each: Vec<f64>,
+    /// The servers' threads going to sleep, per second (voluntary context switches).
+    pub server_sleeps_per_sec: Option<f64>,
+    /// The servers' threads preempted while they had work, per second (involuntary
+    /// context switches): on a shared machine, the load generator taking their core.
+    pub server_preemptions_per_sec: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -122,7 +127,18 @@ impl StepReport {
             loadgen_cpu_seconds: loadgen_cpu,
             bus_cpu_seconds: None,
             server_cpu_seconds_each: Vec::new(),
+            server_sleeps_per_sec: None,
+            server_preemptions_per_sec: None,
         }
+    }
+
+    /// The servers' context switches over the step: (voluntary, involuntary).
+    pub fn with_server_switches(mut self, switches: Option<(u64, u64)>) -> StepReport {
+        if let Some((voluntary, involuntary)) = switches.filter(|_| self.seconds > 0.0) {
+            self.server_sleeps_per_sec = Some(voluntary as f64 / self.seconds);
+            self.server_preemptions_per_sec = Some(involuntary as f64 / self.seconds);
+        }
+        self
     }
 
     pub fn with_each_server_cpu(mut self, each: Vec<f64>) -> StepReport {
@@ -220,6 +236,11 @@ impl fmt::Display for Report {
                     )?;
                     if let (Some(cpu), Some(per)) = (s.server_cpu_seconds, s.server_cpu_us_per_delivery) {
                         write!(f, "  server CPU {cpu:.2}s = {per:.3} us/delivery")?;
+                    }
+                    if let (Some(sleeps), Some(preempted)) =
+                        (s.server_sleeps_per_sec, s.server_preemptions_per_sec)
+                    {
+                        write!(f, ", {sleeps:.0} sleeps/s, {preempted:.0} preemptions/s")?;
                     }
                     if s.server_cpu_seconds_each.len() > 1 {
                         let each: Vec<String> = s
