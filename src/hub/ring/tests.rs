@@ -183,6 +183,10 @@ impl DirectSink for Sink {
     fn sent(&self) -> u64 {
         self.seqs.lock().unwrap().len() as u64
     }
+
+    fn is_open(&self) -> bool {
+        self.open.load(Ordering::SeqCst)
+    }
 }
 
 /// A receiver of "A" rung through `bell`, which gets a (closed) sink.
@@ -238,6 +242,29 @@ fn a_sink_takes_ticks_in_order_and_the_receiver_hears_of_them() {
     rx.sync();
     assert_eq!(rx.take_direct(), Some(15));
     assert!(rx.try_next().is_none());
+}
+
+#[test]
+fn a_sink_set_after_the_receiver_joined_is_used_and_a_leaving_receiver_lets_it_go() {
+    let hub = hub_with_a(4);
+    // As a Subscribe call's session: subscribed before its stream's sink is known.
+    let bell = Bell::new();
+    let late = hub.subscribe_with("A", None, Delivery::Channel(&bell));
+    let late = late.unwrap().receiver.unwrap();
+    let sink = Arc::new(Sink::default());
+    sink.open.store(true, Ordering::SeqCst);
+    bell.set_sink(sink.clone());
+    hub.publish("A", 2.0, 0).unwrap();
+    assert_eq!(*sink.seqs.lock().unwrap(), [2]);
+    drop(late);
+    // Joined after the sink: the ring keeps it beside the reader, until the reader leaves
+    // (another receiver keeps the ring itself).
+    let _keep = hub.subscribe("A").unwrap().receiver.unwrap();
+    let bell = Bell::new();
+    let (sink, rx) = direct_reader(&hub, &bell);
+    assert_eq!(Arc::strong_count(&sink), 3, "this test, the bell, the ring");
+    drop(rx);
+    assert_eq!(Arc::strong_count(&sink), 2, "the ring let it go");
 }
 
 #[test]

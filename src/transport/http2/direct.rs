@@ -92,6 +92,10 @@ impl DirectSink for StreamSink {
         true
     }
 
+    fn is_open(&self) -> bool {
+        self.open.load(Ordering::Relaxed)
+    }
+
     fn sent(&self) -> u64 {
         self.sent.load(Ordering::Relaxed)
     }
