@@ -9,6 +9,10 @@
 # The word grpc-go stands for the reference peer ($GO_PEER_DIR/bin/go-peer, default
 # ../shared/reference/go-peer), for runs paired with it:
 #   benches/ab.sh 4 target/release/tickerd grpc-go; benches/ab.sh 4 grpc-go target/release/tickerd
+# The word floor stands for no server at all: `cargo bench --bench floor -- --round`, the
+# same shape's bare fan-out (50 loopback connections, one 900-byte write each per 1 ms,
+# read by one single-threaded runtime): the latency the kernel and the machine allow in
+# that run's conditions; its CPU is the writer's per write over 10.8 ticks a write.
 # Prints, per build: each run's "CPU µs per delivery / p99 µs / share delivered / the
 # server's preemptions per second", then the median CPU. JSONL=path appends each run's report, one line with the build, to that file.
 # SERVER_PREFIX runs every server, grpc-go's too, under a command that execs it (e.g.
@@ -24,25 +28,33 @@ LAYOUT=${LAYOUT:-random}
 PORT=${PORT:-50074}
 GO_PEER_DIR=${GO_PEER_DIR:-../shared/reference/go-peer}
 cargo build --release --quiet --bin tickerd-bench
+case " $* " in *" floor "*) cargo bench --quiet --bench floor --no-run ;; esac
 declare -A runs
 for _ in $(seq "$RUNS"); do
   for build in "$@"; do
     (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && { echo "benches/ab.sh: port $PORT is taken: another server would be measured" >&2; exit 1; }
-    if [ "$build" = grpc-go ]; then
-      [ -x "$GO_PEER_DIR/bin/go-peer" ] || "$GO_PEER_DIR/build.sh" --no-test
+    if [ "$build" = floor ]; then
+      seconds=$(python3 -c 'import sys; d=sys.argv[1]
+print(float(d[:-2]) / 1000 if d.endswith("ms") else float(d.rstrip("s")))' "$DURATION")
       # shellcheck disable=SC2086
-      ${SERVER_PREFIX:-} "$GO_PEER_DIR/bin/go-peer" --listen "127.0.0.1:$PORT" > /tmp/ab-server.log 2>&1 &
+      report=$(${LOADGEN_PREFIX:-} cargo bench --quiet --bench floor -- --round --json --seconds "$seconds")
     else
+      if [ "$build" = grpc-go ]; then
+        [ -x "$GO_PEER_DIR/bin/go-peer" ] || "$GO_PEER_DIR/build.sh" --no-test
+        # shellcheck disable=SC2086
+        ${SERVER_PREFIX:-} "$GO_PEER_DIR/bin/go-peer" --listen "127.0.0.1:$PORT" > /tmp/ab-server.log 2>&1 &
+      else
+        # shellcheck disable=SC2086
+        ${SERVER_PREFIX:-} $build --feed none --listen "127.0.0.1:$PORT" > /tmp/ab-server.log 2>&1 &
+      fi
+      pid=$!
+      for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.1; done
+      kill -0 "$pid" 2>/dev/null || { echo "benches/ab.sh: the server exited (port $PORT taken?): $(tail -n 2 /tmp/ab-server.log)" >&2; exit 1; }
       # shellcheck disable=SC2086
-      ${SERVER_PREFIX:-} $build --feed none --listen "127.0.0.1:$PORT" > /tmp/ab-server.log 2>&1 &
+      report=$(${LOADGEN_PREFIX:-} ./target/release/tickerd-bench --server "http://127.0.0.1:$PORT" --server-pid "$pid" \
+        --layout "$LAYOUT" --rate "$RATE" --duration "$DURATION" --warmup 2s --json)
+      kill "$pid"; wait "$pid" 2>/dev/null || true
     fi
-    pid=$!
-    for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.1; done
-    kill -0 "$pid" 2>/dev/null || { echo "benches/ab.sh: the server exited (port $PORT taken?): $(tail -n 2 /tmp/ab-server.log)" >&2; exit 1; }
-    # shellcheck disable=SC2086
-    report=$(${LOADGEN_PREFIX:-} ./target/release/tickerd-bench --server "http://127.0.0.1:$PORT" --server-pid "$pid" \
-      --layout "$LAYOUT" --rate "$RATE" --duration "$DURATION" --warmup 2s --json)
-    kill "$pid"; wait "$pid" 2>/dev/null || true
     run=$(python3 -c 'import json,sys; s=json.loads(sys.argv[1])["steps"][0]
 p = s.get("server_preemptions_per_sec")
 print("%.3f/%d/%.4f/%s" % (s["server_cpu_us_per_delivery"], s["latency_us"]["p99"], s["delivery_ratio"],

@@ -3,6 +3,14 @@
 //! included), while another thread drains the other end. The write path cannot go below
 //! this per write, so per delivery the floor is this divided by the ticks a write
 //! carries. `cargo bench --bench floor` (about 10 s).
+//!
+//! `cargo bench --bench floor -- --round` is the latency floor of the efficiency shape:
+//! every 1 ms one thread stamps the time and writes one buffer to each of 50 loopback
+//! connections (what the server's I/O thread does once per publish round at 500k/s), and
+//! a single-threaded tokio runtime reads them, one task per connection (as the load
+//! generator's `frames` reader does), recording arrival minus stamp. No server and no
+//! HTTP/2: what is left is the kernel, the scheduler and the machine. `--json` prints a
+//! report shaped like `tickerd-bench --json`, so `ab.sh` can run it beside the servers.
 
 use std::{
     io::{Read, Write},
@@ -50,6 +58,11 @@ fn measure(size: usize, count: usize) -> (f64, f64) {
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--round") {
+        round::main(&args);
+        return;
+    }
     println!("write(2) to loopback TCP, TCP_NODELAY, a reader thread draining the other end");
     println!(
         "{:>8} {:>14} {:>12} {:>20}",
@@ -66,5 +79,235 @@ fn main() {
             wall / 1000.0,
             cpu / size as f64
         );
+    }
+}
+
+mod round {
+    //! The round's fan-out: `--round [--seconds S] [--conns N] [--bytes B]
+    //! [--ticks-per-write T] [--json]`. Defaults: 10 s after a 2 s warm-up, 50
+    //! connections, 900 bytes (what a write carries at 500k/s: `ss -ti` on the server's
+    //! connections read 911 bytes per data segment, 10.8 deliveries), 10.8 ticks per write
+    //! (only to express the writer's CPU per delivery).
+
+    use std::{
+        io::Write,
+        net::{TcpListener, TcpStream},
+        sync::{Arc, Mutex},
+        time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    };
+
+    use hdrhistogram::Histogram;
+    use tokio::io::AsyncReadExt;
+
+    fn unix_nanos() -> i64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0)
+    }
+
+    fn flag<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .map(|v| {
+                v.parse()
+                    .unwrap_or_else(|_| panic!("{name}: cannot parse {v:?}"))
+            })
+            .unwrap_or(default)
+    }
+
+    /// This thread's involuntary context switches (preemptions).
+    fn preemptions() -> u64 {
+        std::fs::read_to_string("/proc/thread-self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    struct Writer {
+        rounds: u64,
+        cpu_ns: u64,
+        preemptions: u64,
+        /// Wall time of each measured round's writes, in microseconds.
+        pass_us: Histogram<u64>,
+    }
+
+    /// Writes one `bytes` buffer, stamped, to every socket every 1 ms: `warmup` first,
+    /// then `measured`; the stamps of the warm-up are negative so the readers skip them.
+    fn write_rounds(
+        mut sockets: Vec<TcpStream>,
+        bytes: usize,
+        warmup: Duration,
+        measured: Duration,
+    ) -> Writer {
+        let mut payload = vec![0x5au8; bytes.max(8)];
+        let mut pass_us = Histogram::new_with_bounds(1, 60_000_000, 3).expect("static bounds");
+        let start = Instant::now();
+        let measure_from = start + warmup;
+        let end = measure_from + measured;
+        let (mut cpu, mut switches, mut rounds) = (0, 0, 0);
+        let mut next = start;
+        let mut measuring = false;
+        loop {
+            next += Duration::from_millis(1);
+            let now = Instant::now();
+            if now >= end {
+                break;
+            }
+            if next > now {
+                std::thread::sleep(next - now);
+            }
+            if !measuring && Instant::now() >= measure_from {
+                measuring = true;
+                cpu = super::thread_cpu_ns();
+                switches = preemptions();
+            }
+            let began = Instant::now();
+            let stamp = if measuring { unix_nanos() } else { -1 };
+            payload[..8].copy_from_slice(&stamp.to_le_bytes());
+            for socket in &mut sockets {
+                socket.write_all(&payload).expect("write");
+            }
+            if measuring {
+                rounds += 1;
+                let _ = pass_us.record(began.elapsed().as_micros().max(1) as u64);
+            }
+        }
+        Writer {
+            rounds,
+            cpu_ns: super::thread_cpu_ns() - cpu,
+            preemptions: preemptions() - switches,
+            pass_us,
+        }
+    }
+
+    /// Reads whole `bytes` records until the writer closes, recording arrival minus stamp
+    /// for the measured ones.
+    async fn read_records(
+        mut socket: tokio::net::TcpStream,
+        bytes: usize,
+        latency: Arc<Mutex<Histogram<u64>>>,
+    ) {
+        let bytes = bytes.max(8);
+        let mut buf = vec![0u8; 64 * 1024];
+        // Position inside the current record, and its stamp's bytes so far.
+        let (mut at, mut stamp) = (0usize, [0u8; 8]);
+        while let Ok(n) = socket.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            let now = unix_nanos();
+            let mut latency = latency.lock().unwrap_or_else(|e| e.into_inner());
+            for &b in &buf[..n] {
+                if at < 8 {
+                    stamp[at] = b;
+                }
+                at += 1;
+                if at == bytes {
+                    at = 0;
+                    let sent = i64::from_le_bytes(stamp);
+                    if sent > 0 {
+                        let _ = latency.record(((now - sent) / 1000).max(1) as u64);
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn main(args: &[String]) {
+        let seconds: f64 = flag(args, "--seconds", 10.0);
+        let conns: usize = flag(args, "--conns", 50);
+        let bytes: usize = flag(args, "--bytes", 900);
+        let ticks_per_write: f64 = flag(args, "--ticks-per-write", 10.8);
+        let json = args.iter().any(|a| a == "--json");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut writers = Vec::with_capacity(conns);
+        let mut readers = Vec::with_capacity(conns);
+        for _ in 0..conns {
+            let socket = TcpStream::connect(addr).expect("connect");
+            socket.set_nodelay(true).expect("nodelay");
+            writers.push(socket);
+            let (socket, _) = listener.accept().expect("accept");
+            socket.set_nonblocking(true).expect("nonblocking");
+            readers.push(socket);
+        }
+        let latency = Arc::new(Mutex::new(
+            Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("static bounds"),
+        ));
+        let measured = Duration::from_secs_f64(seconds);
+        let writer = std::thread::spawn(move || {
+            write_rounds(writers, bytes, Duration::from_secs(2), measured)
+        });
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let tasks: Vec<_> = readers
+                .into_iter()
+                .map(|s| {
+                    let s = tokio::net::TcpStream::from_std(s).expect("register");
+                    tokio::spawn(read_records(s, bytes, latency.clone()))
+                })
+                .collect();
+            for task in tasks {
+                task.await.expect("reader");
+            }
+        });
+        let writer = writer.join().expect("writer");
+        let latency = latency.lock().unwrap_or_else(|e| e.into_inner());
+        let writes = (writer.rounds * conns as u64).max(1) as f64;
+        let cpu_per_write_us = writer.cpu_ns as f64 / writes / 1000.0;
+        let expected = writer.rounds * conns as u64;
+        let q = |p: f64| latency.value_at_quantile(p);
+        if json {
+            println!(
+                "{{\"floor\": {{\"conns\": {conns}, \"bytes\": {bytes}, \"rounds\": {}, \
+                 \"writer_cpu_us_per_write\": {cpu_per_write_us:.3}, \"pass_us\": {{\"p50\": {}, \
+                 \"p99\": {}}}}}, \"steps\": [{{\"seconds\": {seconds}, \"expected\": {expected}, \
+                 \"delivered\": {}, \"delivery_ratio\": {}, \"latency_us\": {{\"p50\": {}, \
+                 \"p90\": {}, \"p99\": {}, \"p999\": {}, \"max\": {}}}, \
+                 \"server_cpu_us_per_delivery\": {:.4}, \"server_preemptions_per_sec\": {:.1}}}]}}",
+                writer.rounds,
+                writer.pass_us.value_at_quantile(0.5),
+                writer.pass_us.value_at_quantile(0.99),
+                latency.len(),
+                latency.len() as f64 / expected.max(1) as f64,
+                q(0.5),
+                q(0.9),
+                q(0.99),
+                q(0.999),
+                latency.max(),
+                cpu_per_write_us / ticks_per_write,
+                writer.preemptions as f64 / seconds,
+            );
+        } else {
+            println!(
+                "round fan-out, {conns} loopback connections x {bytes} B every 1 ms, {seconds} s"
+            );
+            println!(
+                "  latency us: p50 {} p90 {} p99 {} p99.9 {} max {} ({} of {expected} records)",
+                q(0.5),
+                q(0.9),
+                q(0.99),
+                q(0.999),
+                latency.max(),
+                latency.len()
+            );
+            println!(
+                "  writer: {cpu_per_write_us:.2} us CPU per write ({:.3} per delivery at {ticks_per_write} \
+                 ticks a write), a round's writes take p50 {} p99 {} us, {:.0} preemptions/s",
+                cpu_per_write_us / ticks_per_write,
+                writer.pass_us.value_at_quantile(0.5),
+                writer.pass_us.value_at_quantile(0.99),
+                writer.preemptions as f64 / seconds,
+            );
+        }
     }
 }
