@@ -1,7 +1,8 @@
 //! The connection's life on the server's own HTTP/2, seen from a raw client:
 //! `--max-connection-age` sends GOAWAY `NO_ERROR` while the open stream goes on, and the
 //! connection ends after the grace; at shutdown, GOAWAY and the stream's UNAVAILABLE
-//! trailers; a stream window smaller than a message.
+//! trailers; a stream window smaller than a message; the stream window given back in
+//! quarter-window steps.
 
 mod common;
 
@@ -172,5 +173,90 @@ async fn a_window_smaller_than_a_message_splits_it_and_loses_nothing() {
         seqs,
         (first..first + TICKS as u64).collect::<Vec<_>>(),
         "every tick once, in order"
+    );
+}
+
+/// The gRPC messages whole in `bytes`, taken out of it.
+fn take_messages(bytes: &mut Vec<u8>) -> Vec<tickerd::pb::TickerResponse> {
+    let mut out = Vec::new();
+    while bytes.len() >= 5 {
+        let len = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;
+        if bytes.len() < 5 + len {
+            break;
+        }
+        let msg: Vec<u8> = bytes.drain(..5 + len).skip(5).collect();
+        out.push(tickerd::pb::TickerResponse::decode(&msg[..]).expect("a whole message"));
+    }
+    out
+}
+
+/// A client sending a steady trickle (a Subscribe per round trip here; a feed's ticks on
+/// a Publish call) gets its stream window back in quarter-window steps, not a
+/// WINDOW_UPDATE per frame read: each would cost the server a write and wake the client.
+/// Once it has sent more than a quarter of the window, it gets that back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_window_comes_back_in_quarters_not_per_frame() {
+    use tickerd::pb::{ticker_response::Kind, PublishRequest};
+    let server = TestServer::start().await;
+    let mut raw = Raw::connect(server.addr, &[]).await;
+    raw.open(1).await;
+    let (mut updates, mut answers, mut bytes) = (0, 0, Vec::new());
+    for i in 0..20 {
+        raw.send(&frame(DATA, 0, 1, &subscribe(&format!("Q{i}"))))
+            .await;
+        // Until its answer: the service has read the request by then.
+        while answers <= i {
+            let (kind, _, stream, payload) = raw.next_frame(WAIT).await.expect("an answer");
+            match (kind, stream) {
+                (WINDOW_UPDATE, 1) => updates += 1,
+                (DATA, 1) => {
+                    bytes.extend_from_slice(&payload);
+                    answers += take_messages(&mut bytes)
+                        .iter()
+                        .filter(|m| matches!(m.kind(), Kind::Subscribed | Kind::Rejected))
+                        .count();
+                }
+                _ => {}
+            }
+        }
+    }
+    // A PING's answer comes after anything the server queued before it.
+    raw.send(&frame(PING, 0, 0, &[7; 8])).await;
+    loop {
+        let (kind, flags, stream, _) = raw.next_frame(WAIT).await.expect("the PING's answer");
+        match (kind, stream) {
+            (WINDOW_UPDATE, 1) => updates += 1,
+            (PING, 0) if flags & 1 == 1 => break,
+            _ => {}
+        }
+    }
+    assert_eq!(updates, 0, "stream WINDOW_UPDATEs for 20 small requests");
+
+    // 320 KB of ticks on a Publish call, more than a quarter of the 1 MiB window.
+    let mut body = Vec::new();
+    let mut i = 0;
+    while body.len() < 320_000 {
+        body.extend(grpc_message(
+            &PublishRequest::new("QUARTER", f64::from(i)).encode_to_vec(),
+        ));
+        i += 1;
+    }
+    raw.send(&frame(HEADERS, END_HEADERS, 3, &grpc_headers("Publish")))
+        .await;
+    for chunk in body.chunks(16_384) {
+        raw.send(&frame(DATA, 0, 3, chunk)).await;
+    }
+    let granted = loop {
+        let (kind, _, stream, payload) = raw
+            .next_frame(WAIT)
+            .await
+            .expect("the Publish stream's window back");
+        if (kind, stream) == (WINDOW_UPDATE, 3) {
+            break u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+        }
+    };
+    assert!(
+        (256 * 1024..=320_000).contains(&granted),
+        "a first grant of {granted} bytes"
     );
 }

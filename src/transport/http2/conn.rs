@@ -153,6 +153,8 @@ struct Stream<B> {
     /// stream goes, so that what the service never read is given back then.
     sender: Option<Sender>,
     recv_window: i64,
+    /// Read by the service but not yet given back to the client (`release`).
+    recv_unreleased: usize,
     /// `grpc-timeout`, until the response head.
     deadline: Option<Pin<Box<Sleep>>>,
 }
