@@ -4,11 +4,12 @@
 //! this per write, so per delivery the floor is this divided by the ticks a write
 //! carries. `cargo bench --bench floor` (about 10 s).
 //!
-//! `cargo bench --bench floor -- --round` is the latency floor of the efficiency shape:
-//! every 1 ms one thread stamps the time and writes one buffer to each of 50 loopback
-//! connections (what the server's I/O thread does once per publish round at 500k/s), and
-//! a single-threaded tokio runtime reads them, one task per connection (as the load
-//! generator's `frames` reader does), recording arrival minus stamp. No server and no
+//! `cargo bench --bench floor -- --round` is the latency floor of the efficiency shape: a
+//! publisher thread stamps the time every 1 ms and sends the stamp over a loopback
+//! connection to a writer thread, which writes one buffer carrying it to each of 50
+//! loopback connections (what the server's I/O thread does once per publish round at
+//! 500k/s); a single-threaded tokio runtime reads them, one task per connection (as the
+//! load generator's `frames` reader does), recording arrival minus stamp. No server and no
 //! HTTP/2: what is left is the kernel, the scheduler and the machine. `--json` prints a
 //! report shaped like `tickerd-bench --json`, so `ab.sh` can run it beside the servers.
 
@@ -84,13 +85,14 @@ fn main() {
 
 mod round {
     //! The round's fan-out: `--round [--seconds S] [--conns N] [--bytes B]
-    //! [--ticks-per-write T] [--json]`. Defaults: 10 s after a 2 s warm-up, 50
+    //! [--ticks-per-write T] [--no-publisher] [--json]` (`--no-publisher`: the writer keeps
+    //! the 1 ms clock itself, without the publisher's hop). Defaults: 10 s after a 2 s warm-up, 50
     //! connections, 900 bytes (what a write carries at 500k/s: `ss -ti` on the server's
     //! connections read 911 bytes per data segment, 10.8 deliveries), 10.8 ticks per write
     //! (only to express the writer's CPU per delivery).
 
     use std::{
-        io::Write,
+        io::{Read, Write},
         net::{TcpListener, TcpStream},
         sync::{Arc, Mutex},
         time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -137,49 +139,88 @@ mod round {
         pass_us: Histogram<u64>,
     }
 
-    /// Writes one `bytes` buffer, stamped, to every socket every 1 ms: `warmup` first,
-    /// then `measured`; the stamps of the warm-up are negative so the readers skip them.
-    fn write_rounds(
-        mut sockets: Vec<TcpStream>,
-        bytes: usize,
-        warmup: Duration,
-        measured: Duration,
-    ) -> Writer {
+    /// A 1 ms round clock: `warmup`, then `measured`.
+    struct Clock {
+        next: Instant,
+        measure_from: Instant,
+        end: Instant,
+    }
+
+    impl Clock {
+        fn new(warmup: Duration, measured: Duration) -> Clock {
+            let start = Instant::now();
+            Clock {
+                next: start,
+                measure_from: start + warmup,
+                end: start + warmup + measured,
+            }
+        }
+
+        /// Sleeps until the next round and stamps it: the time (Unix ns), or -1 in the
+        /// warm-up; None once the clock has run out.
+        fn tick(&mut self) -> Option<i64> {
+            self.next += Duration::from_millis(1);
+            let now = Instant::now();
+            if now >= self.end {
+                return None;
+            }
+            if self.next > now {
+                std::thread::sleep(self.next - now);
+            }
+            Some(if Instant::now() >= self.measure_from {
+                unix_nanos()
+            } else {
+                -1
+            })
+        }
+    }
+
+    /// Where the writer's rounds come from.
+    enum Rounds {
+        /// Its own clock.
+        Own(Clock),
+        /// A publisher thread's stamps, 8 bytes each, read from this connection (the
+        /// server's side of the load generator's Publish call); it ends at end of stream.
+        Relayed(TcpStream),
+    }
+
+    impl Rounds {
+        fn next(&mut self) -> Option<i64> {
+            match self {
+                Rounds::Own(clock) => clock.tick(),
+                Rounds::Relayed(socket) => {
+                    let mut stamp = [0u8; 8];
+                    socket.read_exact(&mut stamp).ok()?;
+                    Some(i64::from_le_bytes(stamp))
+                }
+            }
+        }
+    }
+
+    /// Writes one `bytes` buffer carrying the round's stamp to every socket, each round.
+    fn write_rounds(mut sockets: Vec<TcpStream>, bytes: usize, mut rounds: Rounds) -> Writer {
         let mut payload = vec![0x5au8; bytes.max(8)];
         let mut pass_us = Histogram::new_with_bounds(1, 60_000_000, 3).expect("static bounds");
-        let start = Instant::now();
-        let measure_from = start + warmup;
-        let end = measure_from + measured;
-        let (mut cpu, mut switches, mut rounds) = (0, 0, 0);
-        let mut next = start;
+        let (mut cpu, mut switches, mut measured) = (0, 0, 0);
         let mut measuring = false;
-        loop {
-            next += Duration::from_millis(1);
-            let now = Instant::now();
-            if now >= end {
-                break;
-            }
-            if next > now {
-                std::thread::sleep(next - now);
-            }
-            if !measuring && Instant::now() >= measure_from {
+        while let Some(stamp) = rounds.next() {
+            if !measuring && stamp > 0 {
                 measuring = true;
                 cpu = super::thread_cpu_ns();
                 switches = preemptions();
             }
             let began = Instant::now();
-            let stamp = if measuring { unix_nanos() } else { -1 };
             payload[..8].copy_from_slice(&stamp.to_le_bytes());
             for socket in &mut sockets {
                 socket.write_all(&payload).expect("write");
             }
             if measuring {
-                rounds += 1;
+                measured += 1;
                 let _ = pass_us.record(began.elapsed().as_micros().max(1) as u64);
             }
         }
         Writer {
-            rounds,
+            rounds: measured,
             cpu_ns: super::thread_cpu_ns() - cpu,
             preemptions: preemptions() - switches,
             pass_us,
@@ -240,10 +281,23 @@ mod round {
         let latency = Arc::new(Mutex::new(
             Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("static bounds"),
         ));
-        let measured = Duration::from_secs_f64(seconds);
-        let writer = std::thread::spawn(move || {
-            write_rounds(writers, bytes, Duration::from_secs(2), measured)
-        });
+        let clock = Clock::new(Duration::from_secs(2), Duration::from_secs_f64(seconds));
+        let publisher_hop = !args.iter().any(|a| a == "--no-publisher");
+        let (rounds, publisher) = if !publisher_hop {
+            (Rounds::Own(clock), None)
+        } else {
+            let publishing = TcpStream::connect(addr).expect("connect");
+            publishing.set_nodelay(true).expect("nodelay");
+            let (relayed, _) = listener.accept().expect("accept");
+            let publisher = std::thread::spawn(move || {
+                let (mut clock, mut socket) = (clock, publishing);
+                while let Some(stamp) = clock.tick() {
+                    socket.write_all(&stamp.to_le_bytes()).expect("publish");
+                }
+            });
+            (Rounds::Relayed(relayed), Some(publisher))
+        };
+        let writer = std::thread::spawn(move || write_rounds(writers, bytes, rounds));
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -261,6 +315,9 @@ mod round {
             }
         });
         let writer = writer.join().expect("writer");
+        if let Some(publisher) = publisher {
+            publisher.join().expect("publisher");
+        }
         let latency = latency.lock().unwrap_or_else(|e| e.into_inner());
         let writes = (writer.rounds * conns as u64).max(1) as f64;
         let cpu_per_write_us = writer.cpu_ns as f64 / writes / 1000.0;
@@ -289,7 +346,8 @@ mod round {
             );
         } else {
             println!(
-                "round fan-out, {conns} loopback connections x {bytes} B every 1 ms, {seconds} s"
+                "round fan-out, {conns} loopback connections x {bytes} B every 1 ms ({}), {seconds} s",
+                if publisher_hop { "stamped by a publisher thread" } else { "no publisher" }
             );
             println!(
                 "  latency us: p50 {} p90 {} p99 {} p99.9 {} max {} ({} of {expected} records)",
