@@ -10,15 +10,15 @@ pub fn now_unix_nanos() -> i64 {
         .unwrap_or(0)
 }
 
-/// Formats Unix nanoseconds as RFC 3339 UTC with nine sub-second digits,
-/// e.g. `2026-11-24T23:57:25.123456789Z`. Hand-rolled because it runs once per
-/// published tick and needs no time-zone database.
 /// How long until `at` by the wall clock; zero once it has passed.
 pub fn time_left(at: std::time::SystemTime) -> std::time::Duration {
     at.duration_since(std::time::SystemTime::now())
         .unwrap_or_default()
 }
 
+/// Formats Unix nanoseconds as RFC 3339 UTC with nine sub-second digits,
+/// e.g. `2026-11-24T23:57:25.123456789Z`. Hand-rolled because it runs once per
+/// published tick and needs no time-zone database.
 pub fn rfc3339_nanos(unix_nanos: i64) -> String {
     let secs = unix_nanos.div_euclid(1_000_000_000);
     let nanos = unix_nanos.rem_euclid(1_000_000_000);
