@@ -272,7 +272,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, B: ResponseBody> Connection<IO, B> {
             // trickle (a publisher's Publish call, a frame per 1 ms round) would otherwise
             // get a WINDOW_UPDATE per frame: a write for the server and a wake-up for the
             // client each time, which on a shared machine preempted the server mid-round.
-            // The client keeps at least three quarters of its window.
+            // Less than a quarter window of what the service read is held back, so a client
+            // the service keeps up with always has three quarters of its window.
             let step = (self.options.stream_window as usize / 4).max(1);
             if let Some(s) = self.streams.get_mut(&id) {
                 if s.recv_open {
