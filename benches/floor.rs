@@ -95,18 +95,12 @@ mod round {
         io::{Read, Write},
         net::{TcpListener, TcpStream},
         sync::{Arc, Mutex},
-        time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+        time::{Duration, Instant},
     };
 
     use hdrhistogram::Histogram;
+    use tickerd::clock::now_unix_nanos;
     use tokio::io::AsyncReadExt;
-
-    fn unix_nanos() -> i64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as i64)
-            .unwrap_or(0)
-    }
 
     fn flag<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
         args.iter()
@@ -168,7 +162,7 @@ mod round {
                 std::thread::sleep(self.next - now);
             }
             Some(if Instant::now() >= self.measure_from {
-                unix_nanos()
+                now_unix_nanos()
             } else {
                 -1
             })
@@ -242,7 +236,7 @@ mod round {
             if n == 0 {
                 break;
             }
-            let now = unix_nanos();
+            let now = now_unix_nanos();
             let mut latency = latency.lock().unwrap_or_else(|e| e.into_inner());
             for &b in &buf[..n] {
                 if at < 8 {

@@ -141,14 +141,7 @@ async fn a_window_smaller_than_a_message_splits_it_and_loses_nothing() {
         window -= payload.len() as i64;
         assert!(window >= 0, "a DATA frame past the stream's window");
         bytes.extend_from_slice(&payload);
-        while bytes.len() >= 5 {
-            let len = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;
-            if bytes.len() < 5 + len {
-                break;
-            }
-            let msg: Vec<u8> = bytes.drain(..5 + len).skip(5).collect();
-            messages.push(TickerResponse::decode(&msg[..]).expect("a whole message"));
-        }
+        messages.extend(take_messages(&mut bytes));
         if !published && messages.iter().any(|m| m.kind() == Kind::Subscribed) {
             // Many ticks queued at once, so the window, not the feed, decides the frames.
             common::publish(&mut client, common::ticks("SPLIT", TICKS)).await;
