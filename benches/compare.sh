@@ -3,7 +3,8 @@
 # one after the other on this machine, and prints both reports.
 #   benches/compare.sh [tickerd-bench flags...]      e.g. --rate 5000 --duration 10s
 # Builds release binaries; builds ../shared/reference/go-peer if needed (its build.sh).
-# TICKERD_ARGS / GO_PEER_ARGS add server flags.
+# TICKERD_ARGS / GO_PEER_ARGS add server flags; SERVER_PREFIX runs both servers under a
+# command that execs them (as in ab.sh, e.g. "python3 benches/slice.py 300000").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GO_PEER_DIR=${GO_PEER_DIR:-../shared/reference/go-peer}
@@ -15,7 +16,8 @@ GO_PEER_ARGS=${GO_PEER_ARGS:-}
 run() { # name port command...
   local name=$1 port=$2; shift 2
   (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && { echo "benches/compare.sh: port $port is taken: another server would be measured" >&2; exit 1; }
-  "$@" > "/tmp/compare-$name.log" 2>&1 &
+  # shellcheck disable=SC2086
+  ${SERVER_PREFIX:-} "$@" > "/tmp/compare-$name.log" 2>&1 &
   local pid=$!
   for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
   kill -0 "$pid" 2>/dev/null || { echo "benches/compare.sh: the server exited (port $port taken?): $(tail -n 2 "/tmp/compare-$name.log")" >&2; exit 1; }
