@@ -89,7 +89,9 @@ mod round {
     //! the 1 ms clock itself, without the publisher's hop). Defaults: 10 s after a 2 s warm-up, 50
     //! connections, 900 bytes (what a write carries at 500k/s: `ss -ti` on the server's
     //! connections read 911 bytes per data segment, 10.8 deliveries), 10.8 ticks per write
-    //! (only to express the writer's CPU per delivery).
+    //! (only to express the writer's CPU per delivery). `--uring`: the writer queues a
+    //! round's writes on io_uring (tokio-uring), and they reach the kernel in one
+    //! submission when its runtime parks, instead of one write(2) each.
 
     use std::{
         io::{Read, Write},
@@ -221,6 +223,45 @@ mod round {
         }
     }
 
+    /// `write_rounds` through io_uring: a round's writes are queued as the futures are first
+    /// polled and go to the kernel together when tokio-uring's runtime parks.
+    fn write_rounds_uring(sockets: Vec<TcpStream>, bytes: usize, mut rounds: Rounds) -> Writer {
+        tokio_uring::start(async move {
+            let sockets: Vec<_> = sockets
+                .into_iter()
+                .map(tokio_uring::net::TcpStream::from_std)
+                .collect();
+            let mut payload = vec![0x5au8; bytes.max(8)];
+            let mut pass_us = Histogram::new_with_bounds(1, 60_000_000, 3).expect("static bounds");
+            let (mut cpu, mut switches, mut measured) = (0, 0, 0);
+            let mut measuring = false;
+            while let Some(stamp) = rounds.next() {
+                if !measuring && stamp > 0 {
+                    measuring = true;
+                    cpu = super::thread_cpu_ns();
+                    switches = preemptions();
+                }
+                let began = Instant::now();
+                payload[..8].copy_from_slice(&stamp.to_le_bytes());
+                let round = bytes::Bytes::copy_from_slice(&payload);
+                let writes = sockets.iter().map(|s| s.write_all(round.clone()));
+                for (result, _) in futures_util::future::join_all(writes).await {
+                    result.expect("write");
+                }
+                if measuring {
+                    measured += 1;
+                    let _ = pass_us.record(began.elapsed().as_micros().max(1) as u64);
+                }
+            }
+            Writer {
+                rounds: measured,
+                cpu_ns: super::thread_cpu_ns() - cpu,
+                preemptions: preemptions() - switches,
+                pass_us,
+            }
+        })
+    }
+
     /// Reads whole `bytes` records until the writer closes, recording arrival minus stamp
     /// for the measured ones.
     async fn read_records(
@@ -291,7 +332,14 @@ mod round {
             });
             (Rounds::Relayed(relayed), Some(publisher))
         };
-        let writer = std::thread::spawn(move || write_rounds(writers, bytes, rounds));
+        let uring = args.iter().any(|a| a == "--uring");
+        let writer = std::thread::spawn(move || {
+            if uring {
+                write_rounds_uring(writers, bytes, rounds)
+            } else {
+                write_rounds(writers, bytes, rounds)
+            }
+        });
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -343,6 +391,9 @@ mod round {
                 "round fan-out, {conns} loopback connections x {bytes} B every 1 ms ({}), {seconds} s",
                 if publisher_hop { "stamped by a publisher thread" } else { "no publisher" }
             );
+            if uring {
+                println!("  writes queued on io_uring, one submission per round");
+            }
             println!(
                 "  latency us: p50 {} p90 {} p99 {} p99.9 {} max {} ({} of {expected} records)",
                 q(0.5),
