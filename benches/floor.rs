@@ -193,34 +193,65 @@ mod round {
         }
     }
 
+    /// The writer's bookkeeping: from the first measured round, its CPU, preemptions and
+    /// each round's wall time.
+    struct Meter {
+        payload: Vec<u8>,
+        from: Option<(u64, u64)>,
+        rounds: u64,
+        pass_us: Histogram<u64>,
+    }
+
+    impl Meter {
+        fn new(bytes: usize) -> Meter {
+            Meter {
+                payload: vec![0x5au8; bytes.max(8)],
+                from: None,
+                rounds: 0,
+                pass_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("static bounds"),
+            }
+        }
+
+        /// A round begins: the payload carries its stamp.
+        fn begin(&mut self, stamp: i64) -> Instant {
+            if self.from.is_none() && stamp > 0 {
+                self.from = Some((super::thread_cpu_ns(), preemptions()));
+            }
+            self.payload[..8].copy_from_slice(&stamp.to_le_bytes());
+            Instant::now()
+        }
+
+        fn end(&mut self, began: Instant) {
+            if self.from.is_some() {
+                self.rounds += 1;
+                let _ = self
+                    .pass_us
+                    .record(began.elapsed().as_micros().max(1) as u64);
+            }
+        }
+
+        fn finish(self) -> Writer {
+            let (cpu, switches) = self.from.unwrap_or((super::thread_cpu_ns(), preemptions()));
+            Writer {
+                rounds: self.rounds,
+                cpu_ns: super::thread_cpu_ns() - cpu,
+                preemptions: preemptions() - switches,
+                pass_us: self.pass_us,
+            }
+        }
+    }
+
     /// Writes one `bytes` buffer carrying the round's stamp to every socket, each round.
     fn write_rounds(mut sockets: Vec<TcpStream>, bytes: usize, mut rounds: Rounds) -> Writer {
-        let mut payload = vec![0x5au8; bytes.max(8)];
-        let mut pass_us = Histogram::new_with_bounds(1, 60_000_000, 3).expect("static bounds");
-        let (mut cpu, mut switches, mut measured) = (0, 0, 0);
-        let mut measuring = false;
+        let mut meter = Meter::new(bytes);
         while let Some(stamp) = rounds.next() {
-            if !measuring && stamp > 0 {
-                measuring = true;
-                cpu = super::thread_cpu_ns();
-                switches = preemptions();
-            }
-            let began = Instant::now();
-            payload[..8].copy_from_slice(&stamp.to_le_bytes());
+            let began = meter.begin(stamp);
             for socket in &mut sockets {
-                socket.write_all(&payload).expect("write");
+                socket.write_all(&meter.payload).expect("write");
             }
-            if measuring {
-                measured += 1;
-                let _ = pass_us.record(began.elapsed().as_micros().max(1) as u64);
-            }
+            meter.end(began);
         }
-        Writer {
-            rounds: measured,
-            cpu_ns: super::thread_cpu_ns() - cpu,
-            preemptions: preemptions() - switches,
-            pass_us,
-        }
+        meter.finish()
     }
 
     /// `write_rounds` through io_uring: a round's writes are queued as the futures are first
@@ -231,34 +262,17 @@ mod round {
                 .into_iter()
                 .map(tokio_uring::net::TcpStream::from_std)
                 .collect();
-            let mut payload = vec![0x5au8; bytes.max(8)];
-            let mut pass_us = Histogram::new_with_bounds(1, 60_000_000, 3).expect("static bounds");
-            let (mut cpu, mut switches, mut measured) = (0, 0, 0);
-            let mut measuring = false;
+            let mut meter = Meter::new(bytes);
             while let Some(stamp) = rounds.next() {
-                if !measuring && stamp > 0 {
-                    measuring = true;
-                    cpu = super::thread_cpu_ns();
-                    switches = preemptions();
-                }
-                let began = Instant::now();
-                payload[..8].copy_from_slice(&stamp.to_le_bytes());
-                let round = bytes::Bytes::copy_from_slice(&payload);
+                let began = meter.begin(stamp);
+                let round = bytes::Bytes::copy_from_slice(&meter.payload);
                 let writes = sockets.iter().map(|s| s.write_all(round.clone()));
                 for (result, _) in futures_util::future::join_all(writes).await {
                     result.expect("write");
                 }
-                if measuring {
-                    measured += 1;
-                    let _ = pass_us.record(began.elapsed().as_micros().max(1) as u64);
-                }
+                meter.end(began);
             }
-            Writer {
-                rounds: measured,
-                cpu_ns: super::thread_cpu_ns() - cpu,
-                preemptions: preemptions() - switches,
-                pass_us,
-            }
+            meter.finish()
         })
     }
 
