@@ -274,21 +274,18 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, B: ResponseBody> Connection<IO, B> {
             // client each time, which on a shared machine preempted the server mid-round.
             // Less than a quarter window of what the service read is held back, so a client
             // the service keeps up with always has three quarters of its window.
-            let step = (self.options.stream_window as usize / 4).max(1);
+            let window = self.options.stream_window;
             if let Some(s) = self.streams.get_mut(&id) {
                 if s.recv_open {
-                    s.recv_unreleased += n;
-                    if s.recv_unreleased >= step {
-                        let n = std::mem::take(&mut s.recv_unreleased);
+                    if let Some(n) = quarter_step(&mut s.recv_unreleased, n, window) {
                         s.recv_window += n as i64;
                         frame::put_window_update(&mut self.w.out, id, n as u32);
                     }
                 }
             }
         }
-        self.recv_unreleased += n;
-        if self.recv_unreleased >= (self.options.connection_window as usize / 4).max(1) {
-            let n = std::mem::take(&mut self.recv_unreleased);
+        let window = self.options.connection_window;
+        if let Some(n) = quarter_step(&mut self.recv_unreleased, n, window) {
             self.recv_window += n as i64;
             frame::put_window_update(&mut self.w.out, 0, n as u32);
         }
@@ -385,4 +382,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, B: ResponseBody> Connection<IO, B> {
         );
         self.runnable.push(id);
     }
+}
+
+/// Adds `n` to what was read but not yet given back; once that reaches a quarter of
+/// `window`, takes all of it, for one WINDOW_UPDATE.
+fn quarter_step(unreleased: &mut usize, n: usize, window: u32) -> Option<usize> {
+    *unreleased += n;
+    (*unreleased >= (window as usize / 4).max(1)).then(|| std::mem::take(unreleased))
 }
