@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""The sittings' table from `benches/ab.sh` reports, so the README's figures can be redone.
+
+Each JSONL file is one sitting (`JSONL=... benches/ab.sh`, both orders); each line one run,
+with the build it ran. For each file and build: the runs, CPU per delivery (median and
+range), the runs over the CPU line, the p99 range, and the runs over the p99 line; then the
+total, over every file, of the runs of the chosen build that met both lines.
+  python3 benches/sittings.py [--build B] [--cpu-us 0.8] [--p99-ms 1] FILE...
+  python3 benches/sittings.py benches/ab-2026-12-06-0*.jsonl
+--build picks the build whose runs are counted against the lines (default
+target/release/tickerd); a sitting that ran it under a prefix names it as it was given
+(e.g. "python3 benches/slice.py 0 target/release/tickerd"): pass that too, more than once.
+"""
+
+import argparse
+import collections
+import json
+import statistics
+
+
+def runs(path):
+    """Build -> [(cpu µs per delivery, p99 ms)] for one sitting, in run order."""
+    by_build = collections.defaultdict(list)
+    with open(path) as f:
+        for line in f:
+            report = json.loads(line)
+            for step in report["steps"]:
+                by_build[report["build"]].append(
+                    (step["server_cpu_us_per_delivery"], step["latency_us"]["p99"] / 1000)
+                )
+    return by_build
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("--build", action="append", help="the build counted against the lines")
+    ap.add_argument("--cpu-us", type=float, default=0.8, help="the CPU line, µs per delivery")
+    ap.add_argument("--p99-ms", type=float, default=1.0, help="the p99 line, ms")
+    args = ap.parse_args()
+    counted = set(args.build or ["target/release/tickerd"])
+    met = total = 0
+    print("| sitting | build | runs | CPU per delivery: median (range) | over the CPU line "
+          "| p99 | over the p99 line |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for path in args.files:
+        for build, rs in runs(path).items():
+            cpu = [c for c, _ in rs]
+            p99 = [p for _, p in rs]
+            over_cpu = sum(c > args.cpu_us for c in cpu)
+            over_p99 = sum(p >= args.p99_ms for p in p99)
+            print(f"| {path} | {build} | {len(rs)} | {statistics.median(cpu):.3f} µs "
+                  f"({min(cpu):.3f}–{max(cpu):.3f}) | {over_cpu} | "
+                  f"{min(p99):.2f}–{max(p99):.2f} ms | {over_p99} |")
+            if build in counted:
+                total += len(rs)
+                met += sum(c <= args.cpu_us and p < args.p99_ms for c, p in rs)
+    print(f"\n{met} of {total} runs of {', '.join(sorted(counted))} met both lines "
+          f"(≤ {args.cpu_us} µs per delivery, p99 < {args.p99_ms} ms).")
+
+
+if __name__ == "__main__":
+    main()
