@@ -14,7 +14,9 @@
 # read by one single-threaded runtime): the latency the kernel and the machine allow in
 # that run's conditions; its CPU is the writer's per write over 10.8 ticks a write.
 # Prints, per build: each run's "CPU µs per delivery / p99 µs / share delivered / the
-# server's preemptions per second", then the median CPU. JSONL=path appends each run's report, one line with the build, to that file.
+# server's preemptions per second", then the median CPU (of an even count, the mean of the
+# middle two). JSONL=path appends each run's report, one line with the build (and the
+# prefixes below, when set), to that file; benches/sittings.py tabulates such files.
 # SERVER_PREFIX runs every server, grpc-go's too, under a command that execs it (e.g.
 # "chrt -f 1": real-time priority, so the load generator's threads never preempt it);
 # LOADGEN_PREFIX the same for the load generator (e.g. SERVER_PREFIX="taskset -c 0"
@@ -61,13 +63,15 @@ print("%.3f/%d/%.4f/%s" % (s["server_cpu_us_per_delivery"], s["latency_us"]["p99
       "-" if p is None else "%.0f" % p))' "$report")
     runs[$build]="${runs[$build]:-} $run"
     if [ -n "${JSONL:-}" ]; then
+      # The prefixes go with the run, so a sitting's file says what each run ran under.
       python3 -c 'import json,sys; r=json.loads(sys.argv[1]); r["build"]=sys.argv[2]
-print(json.dumps(r))' "$report" "$build" >> "$JSONL"
+r.update({k: v for k, v in (("server_prefix", sys.argv[3]), ("loadgen_prefix", sys.argv[4])) if v})
+print(json.dumps(r))' "$report" "$build" "${SERVER_PREFIX:-}" "${LOADGEN_PREFIX:-}" >> "$JSONL"
     fi
   done
 done
 for build in "$@"; do
   median=$(echo "${runs[$build]}" | tr ' ' '\n' | grep . | cut -d/ -f1 | sort -n |
-    awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}')
+    awk '{v[NR]=$1} END {if (NR % 2) print v[(NR+1)/2]; else printf "%.3f\n", (v[NR/2]+v[NR/2+1])/2}')
   echo "$build:${runs[$build]}  median $median µs"
 done

@@ -8,8 +8,10 @@ total, over every file, of the runs of the chosen build that met both lines.
   python3 benches/sittings.py [--build B] [--cpu-us 0.8] [--p99-ms 1] FILE...
   python3 benches/sittings.py benches/ab-2026-12-06-0*.jsonl
 --build picks the build whose runs are counted against the lines (default
-target/release/tickerd); a sitting that ran it under a prefix names it as it was given
-(e.g. "python3 benches/slice.py 0 target/release/tickerd"): pass that too, more than once.
+target/release/tickerd), more than once for several; a run under ab.sh's SERVER_PREFIX is
+named with the prefix before the build (files before ab.sh kept the prefix name only the
+build as it was given, e.g. "python3 benches/slice.py 0 target/release/tickerd" for the
+usual build beside a prefix).
 """
 
 import argparse
@@ -25,7 +27,11 @@ def runs(path):
         for line in f:
             report = json.loads(line)
             for step in report["steps"]:
-                by_build[report["build"]].append(
+                # A run under a prefix (ab.sh's SERVER_PREFIX) is a build of its own.
+                build = report["build"]
+                if report.get("server_prefix"):
+                    build = f"{report['server_prefix']} {build}"
+                by_build[build].append(
                     (step["server_cpu_us_per_delivery"], step["latency_us"]["p99"] / 1000)
                 )
     return by_build
