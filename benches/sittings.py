@@ -9,9 +9,9 @@ total, over every file, of the runs of the chosen build that met both lines.
   python3 benches/sittings.py benches/ab-2026-12-06-0*.jsonl
 --build picks the build whose runs are counted against the lines (default
 target/release/tickerd), more than once for several; a run under ab.sh's SERVER_PREFIX is
-named with the prefix before the build (files before ab.sh kept the prefix name only the
-build as it was given, e.g. "python3 benches/slice.py 0 target/release/tickerd" for the
-usual build beside a prefix).
+named with the prefix before the build. Files written before ab.sh recorded prefixes name
+a build only as it was given on the command line, e.g. "python3 benches/slice.py 0
+target/release/tickerd" for the usual build of a sitting run under a prefix.
 """
 
 import argparse
