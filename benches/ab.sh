@@ -16,7 +16,8 @@
 # Prints, per build: each run's "CPU µs per delivery / p99 µs / share delivered / the
 # server's preemptions per second", then the median CPU (of an even count, the mean of the
 # middle two). JSONL=path appends each run's report, one line with the build (and the
-# prefixes below, when set), to that file; benches/sittings.py tabulates such files.
+# prefixes below, when set, and the machine's steal and idle shares over the run), to that
+# file; benches/sittings.py tabulates such files.
 # SERVER_PREFIX runs every server, grpc-go's too, under a command that execs it (e.g.
 # "chrt -f 1": real-time priority, so the load generator's threads never preempt it);
 # LOADGEN_PREFIX the same for the load generator (e.g. SERVER_PREFIX="taskset -c 0"
@@ -35,6 +36,9 @@ declare -A runs
 for _ in $(seq "$RUNS"); do
   for build in "$@"; do
     (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && { echo "benches/ab.sh: port $PORT is taken: another server would be measured" >&2; exit 1; }
+    # The whole machine's CPU time over the run (/proc/stat's first line, in ticks): a
+    # phase where the host takes the vCPUs away shows as steal, whatever ran.
+    stat_before=$(head -n 1 /proc/stat)
     if [ "$build" = floor ]; then
       seconds=$(python3 -c 'import sys; d=sys.argv[1]
 print(float(d[:-2]) / 1000 if d.endswith("ms") else float(d.rstrip("s")))' "$DURATION")
@@ -57,6 +61,7 @@ print(float(d[:-2]) / 1000 if d.endswith("ms") else float(d.rstrip("s")))' "$DUR
         --layout "$LAYOUT" --rate "$RATE" --duration "$DURATION" --warmup 2s --json)
       kill "$pid"; wait "$pid" 2>/dev/null || true
     fi
+    stat_after=$(head -n 1 /proc/stat)
     run=$(python3 -c 'import json,sys; s=json.loads(sys.argv[1])["steps"][0]
 p = s.get("server_preemptions_per_sec")
 print("%.3f/%d/%.4f/%s" % (s["server_cpu_us_per_delivery"], s["latency_us"]["p99"], s["delivery_ratio"],
@@ -66,7 +71,12 @@ print("%.3f/%d/%.4f/%s" % (s["server_cpu_us_per_delivery"], s["latency_us"]["p99
       # The prefixes go with the run, so a sitting's file says what each run ran under.
       python3 -c 'import json,sys; r=json.loads(sys.argv[1]); r["build"]=sys.argv[2]
 r.update({k: v for k, v in (("server_prefix", sys.argv[3]), ("loadgen_prefix", sys.argv[4])) if v})
-print(json.dumps(r))' "$report" "$build" "${SERVER_PREFIX:-}" "${LOADGEN_PREFIX:-}" >> "$JSONL"
+# cpu user nice system idle iowait irq softirq steal: shares of the ticks of the run, in %.
+d = [int(b) - int(a) for a, b in zip(sys.argv[5].split()[1:9], sys.argv[6].split()[1:9])]
+r["machine"] = {"steal_pct": round(100 * d[7] / max(sum(d), 1), 2),
+                "idle_pct": round(100 * (d[3] + d[4]) / max(sum(d), 1), 2)}
+print(json.dumps(r))' "$report" "$build" "${SERVER_PREFIX:-}" "${LOADGEN_PREFIX:-}" \
+        "$stat_before" "$stat_after" >> "$JSONL"
     fi
   done
 done
