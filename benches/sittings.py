@@ -9,8 +9,8 @@ total, over every file, of the runs of the chosen build that met both lines.
   python3 benches/sittings.py benches/ab-2026-12-06-0*.jsonl
 --misses then lists each counted run over a line beside the conditions it ran in: the load
 generator's own CPU over the run, the server's preemptions per second and the machine's
-steal (ab.sh records it since 2026-12-06 11:30 UTC), with their medians over the counted
-runs that met both lines (what separates the VM's regimes).
+steal (shown as - in reports that lack it), with their medians over the counted runs that
+met both lines (what separates the VM's regimes).
 --build picks the build whose runs are counted against the lines (default
 target/release/tickerd), more than once for several; a run under ab.sh's SERVER_PREFIX is
 named with the prefix before the build. Files written before ab.sh recorded prefixes name
@@ -61,7 +61,6 @@ def main():
     ap.add_argument("--misses", action="store_true", help="list the counted runs over a line")
     args = ap.parse_args()
     counted = set(args.build or ["target/release/tickerd"])
-    met = total = 0
     misses, hits = [], []
     print("| sitting | build | runs | CPU per delivery: median (range) | over the CPU line "
           "| p99 | over the p99 line |")
@@ -79,9 +78,7 @@ def main():
                 for i, r in enumerate(rs, 1):
                     ok = r.cpu <= args.cpu_us and r.p99 < args.p99_ms
                     (hits if ok else misses).append((path, build, i, r))
-                total += len(rs)
-                met += sum(r.cpu <= args.cpu_us and r.p99 < args.p99_ms for r in rs)
-    print(f"\n{met} of {total} runs of {', '.join(sorted(counted))} met both lines "
+    print(f"\n{len(hits)} of {len(hits) + len(misses)} runs of {', '.join(sorted(counted))} met both lines "
           f"(≤ {args.cpu_us} µs per delivery, p99 < {args.p99_ms} ms).")
     if args.misses:
         print_misses(misses, hits)
