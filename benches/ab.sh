@@ -12,7 +12,9 @@
 # The word floor stands for no server at all: `cargo bench --bench floor -- --round`, the
 # same shape's bare fan-out (50 loopback connections, one 900-byte write each per 1 ms,
 # read by one single-threaded runtime): the latency the kernel and the machine allow in
-# that run's conditions; its CPU is the writer's per write over 10.8 ticks a write.
+# that run's conditions; its CPU is the writer's per write over 10.8 ticks a write. Words
+# after it go to the floor, quoted with it: "floor --writer-cpu 0" moves its writer alone to
+# CPU 0 (with LOADGEN_PREFIX="taskset -c 1": the readers' wake-ups then cross CPUs).
 # Prints, per build: each run's "CPU µs per delivery / p99 µs / share delivered / the
 # server's preemptions per second", then the median CPU (of an even count, the mean of the
 # middle two). JSONL=path appends each run's report, one line with the build (and the
@@ -39,11 +41,12 @@ for _ in $(seq "$RUNS"); do
     # The whole machine's CPU time over the run (/proc/stat's first line, in ticks): a
     # phase where the host takes the vCPUs away shows as steal, whatever ran.
     stat_before=$(head -n 1 /proc/stat)
-    if [ "$build" = floor ]; then
+    if [ "${build%% *}" = floor ]; then
       seconds=$(python3 -c 'import sys; d=sys.argv[1]
 print(float(d[:-2]) / 1000 if d.endswith("ms") else float(d.rstrip("s")))' "$DURATION")
+      floor_args=${build#floor}
       # shellcheck disable=SC2086
-      report=$(${LOADGEN_PREFIX:-} cargo bench --quiet --bench floor -- --round --json --seconds "$seconds")
+      report=$(${LOADGEN_PREFIX:-} cargo bench --quiet --bench floor -- --round --json --seconds "$seconds" $floor_args)
     else
       if [ "$build" = grpc-go ]; then
         [ -x "$GO_PEER_DIR/bin/go-peer" ] || "$GO_PEER_DIR/build.sh" --no-test

@@ -91,7 +91,10 @@ mod round {
     //! connections read 911 bytes per data segment, 10.8 deliveries), 10.8 ticks per write
     //! (only to express the writer's CPU per delivery). `--uring`: the writer queues a
     //! round's writes on io_uring (tokio-uring), and they reach the kernel in one
-    //! submission when its runtime parks, instead of one write(2) each.
+    //! submission when its runtime parks, instead of one write(2) each. `--writer-cpu N`:
+    //! the writer thread alone moves to CPU N (with `taskset`, as it starts), so that under
+    //! `taskset -c M` the readers' wake-ups cross CPUs, as when a server has a core of its
+    //! own: the kernel's price of the fan-out in that placement.
 
     use std::{
         io::{Read, Write},
@@ -242,6 +245,23 @@ mod round {
     }
 
     /// Writes one `bytes` buffer carrying the round's stamp to every socket, each round.
+    /// Moves the calling thread to `cpu` with util-linux's `taskset`, by its thread id
+    /// (`/proc/thread-self` names it), so the bench needs no affinity call of its own.
+    fn pin_this_thread(cpu: usize) {
+        let link = std::fs::read_link("/proc/thread-self").expect("/proc/thread-self");
+        let tid = link
+            .file_name()
+            .and_then(|t| t.to_str())
+            .expect("a thread id")
+            .to_string();
+        let status = std::process::Command::new("taskset")
+            .args(["-pc", &cpu.to_string(), &tid])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("taskset (util-linux)");
+        assert!(status.success(), "taskset -pc {cpu} {tid}: {status}");
+    }
+
     fn write_rounds(mut sockets: Vec<TcpStream>, bytes: usize, mut rounds: Rounds) -> Writer {
         let mut meter = Meter::new(bytes);
         while let Some(stamp) = rounds.next() {
@@ -347,7 +367,14 @@ mod round {
             (Rounds::Relayed(relayed), Some(publisher))
         };
         let uring = args.iter().any(|a| a == "--uring");
+        let writer_cpu: Option<usize> = args
+            .iter()
+            .any(|a| a == "--writer-cpu")
+            .then(|| flag(args, "--writer-cpu", 0));
         let writer = std::thread::spawn(move || {
+            if let Some(cpu) = writer_cpu {
+                pin_this_thread(cpu);
+            }
             if uring {
                 write_rounds_uring(writers, bytes, rounds)
             } else {
