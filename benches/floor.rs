@@ -244,24 +244,28 @@ mod round {
         }
     }
 
-    /// Writes one `bytes` buffer carrying the round's stamp to every socket, each round.
     /// Moves the calling thread to `cpu` with util-linux's `taskset`, by its thread id
     /// (`/proc/thread-self` names it), so the bench needs no affinity call of its own.
-    fn pin_this_thread(cpu: usize) {
-        let link = std::fs::read_link("/proc/thread-self").expect("/proc/thread-self");
+    fn pin_this_thread(cpu: usize) -> Result<(), String> {
+        let link = std::fs::read_link("/proc/thread-self")
+            .map_err(|e| format!("/proc/thread-self: {e}"))?;
         let tid = link
             .file_name()
             .and_then(|t| t.to_str())
-            .expect("a thread id")
+            .ok_or_else(|| format!("no thread id in {link:?}"))?
             .to_string();
         let status = std::process::Command::new("taskset")
             .args(["-pc", &cpu.to_string(), &tid])
             .stdout(std::process::Stdio::null())
             .status()
-            .expect("taskset (util-linux)");
-        assert!(status.success(), "taskset -pc {cpu} {tid}: {status}");
+            .map_err(|e| format!("taskset (util-linux): {e}"))?;
+        if !status.success() {
+            return Err(format!("taskset -pc {cpu} {tid}: {status}"));
+        }
+        Ok(())
     }
 
+    /// Writes one `bytes` buffer carrying the round's stamp to every socket, each round.
     fn write_rounds(mut sockets: Vec<TcpStream>, bytes: usize, mut rounds: Rounds) -> Writer {
         let mut meter = Meter::new(bytes);
         while let Some(stamp) = rounds.next() {
@@ -373,7 +377,10 @@ mod round {
             .then(|| flag(args, "--writer-cpu", 0));
         let writer = std::thread::spawn(move || {
             if let Some(cpu) = writer_cpu {
-                pin_this_thread(cpu);
+                if let Err(e) = pin_this_thread(cpu) {
+                    eprintln!("floor: --writer-cpu {cpu}: {e}");
+                    std::process::exit(2);
+                }
             }
             if uring {
                 write_rounds_uring(writers, bytes, rounds)
