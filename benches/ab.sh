@@ -14,7 +14,8 @@
 # read by one single-threaded runtime): the latency the kernel and the machine allow in
 # that run's conditions; its CPU is the writer's per write over 10.8 ticks a write. Words
 # after it go to the floor, quoted with it: "floor --writer-cpu 0" moves its writer alone to
-# CPU 0 (with LOADGEN_PREFIX="taskset -c 1": the readers' wake-ups then cross CPUs).
+# CPU 0 (with LOADGEN_PREFIX="taskset -c 1": the readers' wake-ups then cross CPUs);
+# "floor --reader-process" reads from a process of its own, as the load generator does.
 # Prints, per build: each run's "CPU µs per delivery / p99 µs / share delivered / the
 # server's preemptions per second", then the median CPU (of an even count, the mean of the
 # middle two). JSONL=path appends each run's report, one line with the build (and the

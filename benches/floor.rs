@@ -60,6 +60,10 @@ fn measure(size: usize, count: usize) -> (f64, f64) {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--round-reader") {
+        round::reader_main(&args);
+        return;
+    }
     if args.iter().any(|a| a == "--round") {
         round::main(&args);
         return;
@@ -94,7 +98,10 @@ mod round {
     //! submission when its runtime parks, instead of one write(2) each. `--writer-cpu N`:
     //! the writer thread alone moves to CPU N (with `taskset`, as it starts), so that under
     //! `taskset -c M` the readers' wake-ups cross CPUs, as when a server has a core of its
-    //! own: the kernel's price of the fan-out in that placement.
+    //! own: the kernel's price of the fan-out in that placement. `--reader-process`: the
+    //! readers run in a process of their own (this binary again, `--round-reader`), as the
+    //! load generator reads a server from another process, rather than on a thread beside
+    //! the writer.
 
     use std::{
         io::{Read, Write},
@@ -300,6 +307,92 @@ mod round {
         })
     }
 
+    /// What the readers saw: the measured records and their latency quantiles (µs).
+    struct Seen {
+        records: u64,
+        quantiles: [u64; 4],
+        max: u64,
+    }
+
+    /// The quantiles `Seen` keeps: p50, p90, p99, p99.9.
+    const QUANTILES: [f64; 4] = [0.5, 0.9, 0.99, 0.999];
+
+    impl Seen {
+        fn of(latency: &Histogram<u64>) -> Seen {
+            Seen {
+                records: latency.len(),
+                quantiles: QUANTILES.map(|q| latency.value_at_quantile(q)),
+                max: latency.max(),
+            }
+        }
+
+        /// One line of numbers, for a reader process to hand its figures to the writer's.
+        fn line(&self) -> String {
+            let q = self.quantiles.map(|v| v.to_string()).join(" ");
+            format!("{} {q} {}", self.records, self.max)
+        }
+
+        fn parse(line: &str) -> Option<Seen> {
+            let v: Vec<u64> = line
+                .split_whitespace()
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .ok()?;
+            match v[..] {
+                [records, a, b, c, d, max] => Some(Seen {
+                    records,
+                    quantiles: [a, b, c, d],
+                    max,
+                }),
+                _ => None,
+            }
+        }
+
+        fn q(&self, i: usize) -> u64 {
+            self.quantiles[i]
+        }
+    }
+
+    /// Reads every socket on one single-threaded runtime, one task each, until the writer
+    /// closes them.
+    fn read_all(readers: Vec<TcpStream>, bytes: usize) -> Seen {
+        let latency = Arc::new(Mutex::new(
+            Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("static bounds"),
+        ));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let tasks: Vec<_> = readers
+                .into_iter()
+                .map(|s| {
+                    s.set_nonblocking(true).expect("nonblocking");
+                    let s = tokio::net::TcpStream::from_std(s).expect("register");
+                    tokio::spawn(read_records(s, bytes, latency.clone()))
+                })
+                .collect();
+            for task in tasks {
+                task.await.expect("reader");
+            }
+        });
+        let latency = latency.lock().unwrap_or_else(|e| e.into_inner());
+        Seen::of(&latency)
+    }
+
+    /// `--round-reader ADDR [--conns N] [--bytes B]`: `--reader-process`'s readers.
+    /// Connects N sockets to the writer's listener, reads them to the end and prints
+    /// `Seen::line`.
+    pub fn reader_main(args: &[String]) {
+        let addr: String = flag(args, "--round-reader", String::new());
+        let conns: usize = flag(args, "--conns", 50);
+        let bytes: usize = flag(args, "--bytes", 900);
+        let readers: Vec<_> = (0..conns)
+            .map(|_| TcpStream::connect(&addr).expect("connect"))
+            .collect();
+        println!("{}", read_all(readers, bytes).line());
+    }
+
     /// Reads whole `bytes` records until the writer closes, recording arrival minus stamp
     /// for the measured ones.
     async fn read_records(
@@ -343,17 +436,30 @@ mod round {
         let addr = listener.local_addr().expect("addr");
         let mut writers = Vec::with_capacity(conns);
         let mut readers = Vec::with_capacity(conns);
-        for _ in 0..conns {
-            let socket = TcpStream::connect(addr).expect("connect");
-            socket.set_nodelay(true).expect("nodelay");
-            writers.push(socket);
-            let (socket, _) = listener.accept().expect("accept");
-            socket.set_nonblocking(true).expect("nonblocking");
-            readers.push(socket);
-        }
-        let latency = Arc::new(Mutex::new(
-            Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("static bounds"),
-        ));
+        let reader_process = if args.iter().any(|a| a == "--reader-process") {
+            let exe = std::env::current_exe().expect("this binary");
+            let child = std::process::Command::new(exe)
+                .args(["--round-reader", &addr.to_string()])
+                .args(["--conns", &conns.to_string(), "--bytes", &bytes.to_string()])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("the reader process");
+            // The child connects exactly `conns` sockets before the publisher's below.
+            for _ in 0..conns {
+                let (socket, _) = listener.accept().expect("accept");
+                socket.set_nodelay(true).expect("nodelay");
+                writers.push(socket);
+            }
+            Some(child)
+        } else {
+            for _ in 0..conns {
+                let socket = TcpStream::connect(addr).expect("connect");
+                socket.set_nodelay(true).expect("nodelay");
+                writers.push(socket);
+                readers.push(listener.accept().expect("accept").0);
+            }
+            None
+        };
         let clock = Clock::new(Duration::from_secs(2), Duration::from_secs_f64(seconds));
         let publisher_hop = !args.iter().any(|a| a == "--no-publisher");
         let (rounds, publisher) = if !publisher_hop {
@@ -388,31 +494,20 @@ mod round {
                 write_rounds(writers, bytes, rounds)
             }
         });
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async {
-            let tasks: Vec<_> = readers
-                .into_iter()
-                .map(|s| {
-                    let s = tokio::net::TcpStream::from_std(s).expect("register");
-                    tokio::spawn(read_records(s, bytes, latency.clone()))
-                })
-                .collect();
-            for task in tasks {
-                task.await.expect("reader");
+        let seen = match reader_process {
+            None => read_all(readers, bytes),
+            Some(child) => {
+                let out = child.wait_with_output().expect("the reader process");
+                Seen::parse(&String::from_utf8_lossy(&out.stdout)).expect("the readers' figures")
             }
-        });
+        };
         let writer = writer.join().expect("writer");
         if let Some(publisher) = publisher {
             publisher.join().expect("publisher");
         }
-        let latency = latency.lock().unwrap_or_else(|e| e.into_inner());
         let writes = (writer.rounds * conns as u64).max(1) as f64;
         let cpu_per_write_us = writer.cpu_ns as f64 / writes / 1000.0;
         let expected = writer.rounds * conns as u64;
-        let q = |p: f64| latency.value_at_quantile(p);
         if json {
             println!(
                 "{{\"floor\": {{\"conns\": {conns}, \"bytes\": {bytes}, \"rounds\": {}, \
@@ -424,13 +519,13 @@ mod round {
                 writer.rounds,
                 writer.pass_us.value_at_quantile(0.5),
                 writer.pass_us.value_at_quantile(0.99),
-                latency.len(),
-                latency.len() as f64 / expected.max(1) as f64,
-                q(0.5),
-                q(0.9),
-                q(0.99),
-                q(0.999),
-                latency.max(),
+                seen.records,
+                seen.records as f64 / expected.max(1) as f64,
+                seen.q(0),
+                seen.q(1),
+                seen.q(2),
+                seen.q(3),
+                seen.max,
                 cpu_per_write_us / ticks_per_write,
                 writer.preemptions as f64 / seconds,
             );
@@ -444,12 +539,12 @@ mod round {
             }
             println!(
                 "  latency us: p50 {} p90 {} p99 {} p99.9 {} max {} ({} of {expected} records)",
-                q(0.5),
-                q(0.9),
-                q(0.99),
-                q(0.999),
-                latency.max(),
-                latency.len()
+                seen.q(0),
+                seen.q(1),
+                seen.q(2),
+                seen.q(3),
+                seen.max,
+                seen.records
             );
             println!(
                 "  writer: {cpu_per_write_us:.2} us CPU per write ({:.3} per delivery at {ticks_per_write} \

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every scenario of the README's performance table (method: benches/README.md) on tickerd and the
+# Runs every scenario of the performance tables (README, docs/performance.md; method: benches/README.md) on tickerd and the
 # grpc-go peer via benches/compare.sh; about 12 minutes on 2 cores.
 #   benches/scenarios.sh > scenarios.log
 cd "$(dirname "$0")/.."
