@@ -11,7 +11,9 @@
 #   GO_PEER_DIR=/path/to/go-peer bash benches/writepath.sh [rates...] > writepath.jsonl
 #   python3 benches/plot.py writepath.jsonl > docs/writepath.svg
 # Rates are ticks/s (x100 deliveries/s); default 1000 2000 3000 5000 7000 10000 14000.
-# DURATION (10s) and WARMUP (2s) set each run's length; LAYOUT (random) the layout.
+# DURATION (10s) and WARMUP (2s) set each run's length; LAYOUT (random) the layout;
+# BENCH_ARGS more tickerd-bench flags for both runs, e.g. the hot symbol's
+# "--symbols 1 --subs-per-stream 1 --streams 2000".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GO_PEER_DIR=${GO_PEER_DIR:-../shared/reference/go-peer}
@@ -19,6 +21,7 @@ DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-2}
 WRITES_DURATION=${WRITES_DURATION:-4}
 LAYOUT=${LAYOUT:-random}
+read -r -a BENCH_ARGS <<< "${BENCH_ARGS:-}"
 RATES=("$@")
 [ ${#RATES[@]} -gt 0 ] || RATES=(1000 2000 3000 5000 7000 10000 14000)
 cargo build --release --quiet --bin tickerd --bin tickerd-bench
@@ -36,13 +39,13 @@ run() { # server-name port rate command...
   local counts
   counts=$(mktemp)
   ./target/release/tickerd-bench --server "http://127.0.0.1:$port" --server-pid "$pid" \
-    --layout "$LAYOUT" --rate "$rate" --duration "${DURATION}s" --warmup "${WARMUP}s" --json > "$counts.json" || true
+    --layout "$LAYOUT" --rate "$rate" --duration "${DURATION}s" --warmup "${WARMUP}s" "${BENCH_ARGS[@]}" --json > "$counts.json" || true
   # The writes: the same load again, counted over the measured part of a shorter run.
   ( sleep "$WARMUP"; perf stat -x, -e 'syscalls:sys_enter_write,syscalls:sys_enter_writev,syscalls:sys_enter_sendto,syscalls:sys_enter_sendmsg' \
       -p "$pid" -- sleep "$WRITES_DURATION" 2> "$counts" ) &
   local perf=$!
   ./target/release/tickerd-bench --server "http://127.0.0.1:$port" --layout "$LAYOUT" --rate "$rate" \
-    --duration "$((WRITES_DURATION + 1))s" --warmup "${WARMUP}s" > /dev/null || true
+    --duration "$((WRITES_DURATION + 1))s" --warmup "${WARMUP}s" "${BENCH_ARGS[@]}" > /dev/null || true
   wait "$perf" || true
   kill "$pid"; wait "$pid" 2>/dev/null || true
   python3 - "$name" "$counts" "$counts.json" "$WRITES_DURATION" <<'PY'
