@@ -307,6 +307,12 @@ mod round {
         })
     }
 
+    /// Where the round's records are read: on this process's main thread, or by a child.
+    enum Readers {
+        Here(Vec<TcpStream>),
+        Process(std::process::Child),
+    }
+
     /// What the readers saw: the measured records and their latency quantiles (µs).
     struct Seen {
         records: u64,
@@ -435,8 +441,7 @@ mod round {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
         let mut writers = Vec::with_capacity(conns);
-        let mut readers = Vec::with_capacity(conns);
-        let reader_process = if args.iter().any(|a| a == "--reader-process") {
+        let readers = if args.iter().any(|a| a == "--reader-process") {
             let exe = std::env::current_exe().expect("this binary");
             let child = std::process::Command::new(exe)
                 .args(["--round-reader", &addr.to_string()])
@@ -450,15 +455,16 @@ mod round {
                 socket.set_nodelay(true).expect("nodelay");
                 writers.push(socket);
             }
-            Some(child)
+            Readers::Process(child)
         } else {
+            let mut readers = Vec::with_capacity(conns);
             for _ in 0..conns {
                 let socket = TcpStream::connect(addr).expect("connect");
                 socket.set_nodelay(true).expect("nodelay");
                 writers.push(socket);
                 readers.push(listener.accept().expect("accept").0);
             }
-            None
+            Readers::Here(readers)
         };
         let clock = Clock::new(Duration::from_secs(2), Duration::from_secs_f64(seconds));
         let publisher_hop = !args.iter().any(|a| a == "--no-publisher");
@@ -494,9 +500,9 @@ mod round {
                 write_rounds(writers, bytes, rounds)
             }
         });
-        let seen = match reader_process {
-            None => read_all(readers, bytes),
-            Some(child) => {
+        let seen = match readers {
+            Readers::Here(readers) => read_all(readers, bytes),
+            Readers::Process(child) => {
                 let out = child.wait_with_output().expect("the reader process");
                 Seen::parse(&String::from_utf8_lossy(&out.stdout)).expect("the readers' figures")
             }
