@@ -17,7 +17,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, B: ResponseBody> Connection<IO, B> {
             return;
         }
         let mut side = direct::lock(&self.shared.direct);
-        if !side.out.is_empty() {
+        if self.w.out.is_empty() {
+            // The usual case (the last write took everything): trade buffers instead of
+            // copying a round's bytes; publishes fill the one this pass just emptied.
+            std::mem::swap(&mut self.w.out, &mut side.out);
+        } else if !side.out.is_empty() {
             self.w.out.extend_from_slice(&side.out);
             side.out.clear();
         }
