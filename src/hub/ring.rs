@@ -58,8 +58,9 @@ pub trait DirectSink: Send + Sync + std::fmt::Debug {
     fn sent(&self) -> u64;
 }
 
-/// The ticks of one symbol still readable: consecutive seqs ending at the symbol's seq,
-/// at most the channel capacity of them. The hub keeps a ring only while it has readers.
+/// The ticks of one symbol some reader has not taken yet: consecutive seqs ending at the
+/// symbol's seq (but for a hole the bus could not fill), at most the channel capacity of
+/// them. The hub keeps a ring only while it has readers.
 pub(super) struct Ring {
     ticks: VecDeque<Arc<Tick>>,
     /// Kept inline (not behind a pointer each) because a publish walks them all. Indexed
@@ -137,6 +138,7 @@ impl Ring {
                     .or_else(|| bell.sink.get())
                     .is_some_and(|sink| sink.is_open());
         }
+        let mut min_next = u64::MAX;
         for reader in &mut self.readers {
             let Some(bell) = &reader.bell else {
                 continue;
@@ -146,11 +148,25 @@ impl Ring {
                     if sink.offer(tick) {
                         reader.next += 1;
                         reader.run += 1;
+                        min_next = min_next.min(reader.next);
                         continue;
                     }
                 }
             }
             bell.ring(reader.hint);
+            min_next = min_next.min(reader.next);
+        }
+        self.trim(min_next);
+    }
+
+    /// Drops the ticks every reader has taken (`min_next`: the lowest reader position,
+    /// found by the walk that just rang them). The ring then holds what some reader
+    /// still lacks, not `capacity` ticks of every symbol with readers: with readers
+    /// that keep up it is about empty, and the memory goes with the laggards.
+    fn trim(&mut self, min_next: u64) {
+        self.min_next = min_next;
+        while self.ticks.front().is_some_and(|t| t.seq < min_next) {
+            self.ticks.pop_front();
         }
     }
 
@@ -275,13 +291,22 @@ impl Receiver {
             return 0;
         };
         let start = self.next.max(first);
-        let skip = (start - first) as usize;
+        let guess = (start - first) as usize;
+        // Seqs are consecutive but where the bus left a hole (`remote`): there, find
+        // the place by seq, not by the distance from the front (which would also run
+        // past the end for a reader that joined after the hole).
+        let skip = match ring.ticks.get(guess) {
+            Some(t) if t.seq == start => guess,
+            None if ring.ticks.back().is_some_and(|t| t.seq < start) => ring.ticks.len(),
+            _ => ring.ticks.partition_point(|t| t.seq < start),
+        };
         let n = ring.ticks.len().saturating_sub(skip).min(max);
         ring.ticks
             .range(skip..skip + n)
             .cloned()
             .for_each(&mut each);
-        self.next = start + n as u64;
+        let last = n.checked_sub(1).and_then(|i| ring.ticks.get(skip + i));
+        self.next = last.map_or(start, |t| t.seq + 1);
         if let Some(reader) = ring.readers.get_mut(self.index) {
             reader.next = self.next;
         }

@@ -164,6 +164,88 @@ fn the_ring_is_freed_with_its_last_receiver() {
     assert!(hub.shared.symbols.get("A").unwrap().lock().ring.is_none());
 }
 
+/// The ticks `hub`'s ring of "A" holds, by seq.
+fn ring_seqs(hub: &Hub) -> Vec<u64> {
+    let slot = hub.shared.symbols.get("A").unwrap();
+    let state = slot.lock();
+    let ring = state.ring.as_ref();
+    ring.map_or_else(Vec::new, |r| r.ticks.iter().map(|t| t.seq).collect())
+}
+
+#[test]
+fn the_ring_holds_only_what_its_slowest_reader_has_not_taken() {
+    let hub = hub_with_a(8);
+    let (mut fast, mut slow) = (
+        hub.subscribe("A").unwrap().receiver.unwrap(),
+        hub.subscribe("A").unwrap().receiver.unwrap(),
+    );
+    for _ in 0..3 {
+        hub.publish("A", 2.0, 0).unwrap();
+        assert!(fast.try_next().is_some());
+    }
+    assert_eq!(ring_seqs(&hub), vec![2, 3, 4], "the slow reader lacks them");
+    assert_eq!(slow.try_next().map(|t| t.seq), Some(2));
+    hub.publish("A", 3.0, 0).unwrap();
+    assert_eq!(ring_seqs(&hub), vec![3, 4, 5], "2 went at the next publish");
+    let mut out = VecDeque::new();
+    assert_eq!(slow.take(32, &mut out), 3);
+    assert_eq!(fast.take(32, &mut out), 1);
+    hub.publish("A", 4.0, 0).unwrap();
+    assert_eq!(ring_seqs(&hub), vec![6], "everyone took the rest");
+    // Falling a full ring behind still drops and counts, as before.
+    for _ in 0..10 {
+        hub.publish("A", 5.0, 0).unwrap();
+        while fast.try_next().is_some() {}
+    }
+    assert_eq!(ring_seqs(&hub).len(), 8);
+    assert_eq!(hub.stats().overflowed.load(Ordering::Relaxed), 3);
+    assert_eq!(
+        slow.try_next().map(|t| t.seq),
+        Some(9),
+        "6..=8 dropped: a gap"
+    );
+}
+
+#[tokio::test]
+async fn a_reader_behind_a_hole_from_the_bus_takes_every_tick_after_it() {
+    let (hub, _interest) = Hub::sequenced_by_cluster(HubConfig::default(), 7);
+    let bell = Bell::new();
+    let wait = match hub.subscribe_with("A", None, Delivery::Channel(&bell)) {
+        Err(crate::hub::SubscribeError::Syncing(wait)) => wait,
+        other => panic!("not syncing: {:?}", other.map(|s| s.seq)),
+    };
+    let generation = hub.begin_sync("A").unwrap();
+    hub.apply(generation, "A", 1, 1.0, 1, 1).unwrap();
+    hub.set_live("A", generation, true);
+    drop(wait);
+    let sub = hub.subscribe_with("A", None, Delivery::Channel(&bell));
+    let (mut behind, mut other) = (
+        sub.unwrap().receiver.unwrap(),
+        hub.subscribe("A").unwrap().receiver.unwrap(),
+    );
+    // 2 and 3, then a hole (4, 5) the bus could not fill, then 6 and 7.
+    for seq in [2, 3, 6, 7] {
+        hub.apply(generation, "A", seq, 1.0, 1, 1).unwrap();
+    }
+    assert_eq!(behind.try_next().map(|t| t.seq), Some(2));
+    let mut out = VecDeque::new();
+    assert_eq!(other.take(32, &mut out), 4);
+    // A reader joining after the hole, while the ring still holds ticks from before
+    // it, starts at the symbol's seq (the distance from the front overshoots).
+    let mut late = hub.subscribe("A").unwrap().receiver.unwrap();
+    hub.apply(generation, "A", 8, 1.0, 1, 1).unwrap();
+    assert_eq!(ring_seqs(&hub), vec![3, 6, 7, 8]);
+    assert_eq!(late.try_next().map(|t| t.seq), Some(8));
+    let mut seqs = Vec::new();
+    while let Some(t) = behind.try_next() {
+        seqs.push(t.seq);
+    }
+    assert_eq!(seqs, vec![3, 6, 7, 8], "after the hole, by seq");
+    hub.apply(generation, "A", 9, 1.0, 1, 1).unwrap();
+    assert_eq!(behind.try_next().map(|t| t.seq), Some(9));
+    assert_eq!(behind.try_next().map(|t| t.seq), None);
+}
+
 /// A sink that takes ticks while `open`, keeping their seqs.
 #[derive(Default, Debug)]
 struct Sink {
