@@ -488,6 +488,33 @@ mod tests {
     }
 
     #[test]
+    fn non_finite_rates_parse_as_the_mapping_says_and_conflate_refuses_them() {
+        // Found by fuzz/ws_json (fuzz/corpus/ws_json/nonfinite-rate-string): proto3 JSON
+        // reads these strings as non-finite doubles, which protobuf can carry too; the
+        // policy, not the parse, refuses them, as it does over gRPC.
+        use crate::{pb::ticker_request::DeliveryPolicy, session::Policy};
+        for (spelling, finite) in [
+            ("\"NaN\"", false),
+            ("\"Infinity\"", false),
+            ("\"615.E00452\"", false),
+            ("\"5\"", true),
+        ] {
+            let text = format!(
+                r#"{{"symbol":"A","policy":"DELIVERY_POLICY_CONFLATE","maxRateHz":{spelling}}}"#
+            );
+            let request = parse_json(&text).unwrap();
+            assert_eq!(request.policy, DeliveryPolicy::Conflate as i32);
+            assert_eq!(request.max_rate_hz.is_finite(), finite, "{spelling}");
+            let policy = Policy::of(&request);
+            assert_eq!(policy.is_ok(), finite, "{spelling}: {policy:?}");
+        }
+        assert!(
+            parse_json(r#"{"maxRateHz":1e400}"#).is_err(),
+            "a bare number out of range"
+        );
+    }
+
+    #[test]
     fn frames_decode_by_the_session_encoding() {
         let json = Message::Text(
             r#"{"symbol":"AAPL","action":"ACTION_SUBSCRIBE","resumeFromSeq":"7"}"#.into(),
