@@ -27,8 +27,14 @@ fuzz_target!(|data: &[u8]| {
             let decoded = TickerRequest::decode(bytes.as_slice()).expect("its protobuf decodes");
             // NaN is not equal to itself (and -0.0, proto3's default, comes back as 0.0).
             let (sent, got) = (request.max_rate_hz, decoded.max_rate_hz);
-            assert!(sent == got || (sent.is_nan() && got.is_nan()), "{sent} {got}");
-            let finite = |r: &TickerRequest| TickerRequest { max_rate_hz: 0.0, ..r.clone() };
+            assert!(
+                sent == got || (sent.is_nan() && got.is_nan()),
+                "{sent} {got}"
+            );
+            let finite = |r: &TickerRequest| TickerRequest {
+                max_rate_hz: 0.0,
+                ..r.clone()
+            };
             assert_eq!(finite(&decoded), finite(&request));
         }
     }
