@@ -391,6 +391,61 @@ async fn an_outage_longer_than_the_history_is_announced_with_the_exact_count() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_stream_is_recreated_stops_and_says_why() {
+    let nats = Nats::start();
+    let mut a = node(&nats.url()).await;
+    publish(&mut a.client().await, ticks("X", 3)).await;
+    let mut stream = Stream::open(&mut a.client().await).await;
+    stream.subscribed("X").await;
+    stream.expect(Kind::Snapshot, "X").await;
+    // The market's stream deleted and made again behind the node's back: its seqs start
+    // again at 1, below the node's 3, which would take each new tick for an old one.
+    let js = async_nats::jetstream::new(
+        async_nats::connect(nats.url())
+            .await
+            .expect("a client of the test's nats-server"),
+    );
+    js.delete_stream("TICKERD").await.expect("stream deleted");
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "TICKERD".into(),
+        subjects: vec!["TICKERD.t.>".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("stream created again");
+    let stopped = within(a.serving()).await.expect("the serving task ended");
+    let error = stopped
+        .expect_err("the node stops with an error")
+        .to_string();
+    assert!(
+        error.contains("TICKERD was created anew") && error.contains("start the node again"),
+        "{error}"
+    );
+    let end = common::end(&mut stream.rx)
+        .await
+        .expect_err("the stream is ended");
+    assert_eq!(end.code(), Code::Unavailable, "{end:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_stream_is_deleted_stops_once_it_stays_gone() {
+    let nats = Nats::start();
+    let mut a = node(&nats.url()).await;
+    publish(&mut a.client().await, ticks("X", 1)).await;
+    let js = async_nats::jetstream::new(
+        async_nats::connect(nats.url())
+            .await
+            .expect("a client of the test's nats-server"),
+    );
+    js.delete_stream("TICKERD").await.expect("stream deleted");
+    let stopped = within(a.serving()).await.expect("the serving task ended");
+    let error = stopped
+        .expect_err("the node stops with an error")
+        .to_string();
+    assert!(error.contains("TICKERD was deleted"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_authenticates_to_nats_and_a_wrong_token_stops_start_up() {
     let nats = Nats::start_with_token(Some("s3cret-token"));
     let token =

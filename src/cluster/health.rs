@@ -1,9 +1,13 @@
 //! The bus's reachability: the NATS connection options (credentials, TLS, a ping
 //! interval short enough to notice a partition), and a monitor that turns connection
 //! events into in-band notices (`Hub::set_bus_stale`: KIND_STALE, then KIND_LIVE) and,
-//! after `--cluster-unhealthy-after`, into the server's health.
+//! after `--cluster-unhealthy-after`, into the server's health; and a check that the
+//! market's stream is still the one the node started with (`watch_stream`).
 
-use async_nats::{ConnectOptions, Event};
+use async_nats::{
+    jetstream::{context::GetStreamErrorKind, ErrorCode},
+    ConnectOptions, Event,
+};
 use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -105,6 +109,55 @@ pub(super) fn spawn(
         }
     });
     healthy_rx
+}
+
+/// Checks, every ping interval while connected, that the market's stream is the one
+/// the node started with, and reports it lost (`Cluster::lost`) when it was created anew
+/// (another creation time: a new epoch) or has been missing for
+/// `--cluster-unhealthy-after`. Either way the node's seqs name nothing any more: a new
+/// stream's seqs start again at 1, below the ones the node holds, so its syncs would
+/// take every new tick for one already seen, and its subscribers would hear nothing.
+pub(super) fn watch_stream(cluster: Cluster, shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let inner = &cluster.inner;
+        let mut missing_since: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(inner.args.cluster_ping_interval) => {}
+            }
+            if !cluster.is_connected() {
+                continue;
+            }
+            let reason = match inner.context.get_stream(&inner.name).await {
+                Ok(stream) => {
+                    missing_since = None;
+                    let epoch = super::epoch_of(stream.cached_info());
+                    if epoch == inner.epoch {
+                        continue;
+                    }
+                    format!("was created anew (epoch {} is now {epoch})", inner.epoch)
+                }
+                Err(e) if matches!(e.kind(), GetStreamErrorKind::JetStream(ref js) if js.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
+                {
+                    // Not at the first look: a nats-server restarting may not have
+                    // loaded its streams yet.
+                    let since = *missing_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() < inner.args.cluster_unhealthy_after {
+                        continue;
+                    }
+                    "was deleted".to_string()
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot look at the market's stream");
+                    continue;
+                }
+            };
+            tracing::error!(stream = %inner.name, %reason, "the market's stream changed under this node: stopping");
+            inner.lost.send_replace(Some(reason));
+            return;
+        }
+    });
 }
 
 async fn until(at: Option<Instant>) {

@@ -79,7 +79,8 @@ pub struct ClusterArgs {
     pub cluster_replicas: usize,
 
     /// How long the bus may be unreachable before gRPC health and /healthz turn
-    /// NOT_SERVING, so balancers move clients to healthy nodes.
+    /// NOT_SERVING, so balancers move clients to healthy nodes; and how long the stream
+    /// may be missing before the node stops.
     #[arg(long, env = "TICKERD_CLUSTER_UNHEALTHY_AFTER", default_value = "5s",
           value_parser = humantime::parse_duration)]
     pub cluster_unhealthy_after: Duration,
@@ -97,7 +98,8 @@ pub struct ClusterArgs {
     pub cluster_publish_timeout: Duration,
 
     /// How often the connection to NATS is pinged; two missed pings count as a lost
-    /// connection (a partition is noticed within about three of these).
+    /// connection (a partition is noticed within about three of these). Also how often
+    /// the node checks that its stream was not deleted or created anew.
     #[arg(long, env = "TICKERD_CLUSTER_PING_INTERVAL", default_value = "1s",
           value_parser = humantime::parse_duration)]
     pub cluster_ping_interval: Duration,
@@ -129,6 +131,16 @@ pub enum ClusterError {
     NoJetStream { urls: String },
     #[error("cannot create or open JetStream stream {stream}: {reason}")]
     Stream { stream: String, reason: String },
+    #[error(
+        "JetStream stream {stream} {reason}: the seqs this node holds belong to the old \
+         stream; start the node again to follow the new one"
+    )]
+    StreamLost { stream: String, reason: String },
+}
+
+/// The epoch of a stream: its creation time in nanoseconds (never 0).
+fn epoch_of(info: &stream::Info) -> u64 {
+    (info.created.unix_timestamp_nanos() as u64).max(1)
 }
 
 /// Counters for operators and tests.
@@ -167,6 +179,8 @@ struct Inner {
     submit: mpsc::Sender<sequencer::Submit>,
     /// Taken by `start`.
     queue: std::sync::Mutex<Option<mpsc::Receiver<sequencer::Submit>>>,
+    /// Why the node must stop (`health::watch_stream`), once it must.
+    lost: watch::Sender<Option<String>>,
 }
 
 impl Cluster {
@@ -246,7 +260,7 @@ impl Cluster {
                     .into(),
             });
         }
-        let epoch = (info.created.unix_timestamp_nanos() as u64).max(1);
+        let epoch = epoch_of(&info);
         tracing::info!(stream = %name, epoch, server = %client_version(&context), "cluster connected");
         let (submit, queue) = mpsc::channel(sequencer::QUEUE);
         Ok(Cluster {
@@ -258,6 +272,7 @@ impl Cluster {
                 args: args.clone(),
                 history_size: kept.max(1) as usize,
                 connected,
+                lost: watch::channel(None).0,
                 stats: ClusterStats::default(),
                 submit,
                 queue: std::sync::Mutex::new(Some(queue)),
@@ -308,7 +323,28 @@ impl Cluster {
         }
         let syncs = sync::Syncs::new(self.clone(), hub.clone(), allow_unknown);
         tokio::spawn(syncs.run(interest, shutdown.clone()));
+        health::watch_stream(self.clone(), shutdown.clone());
         health::spawn(self.clone(), hub, shutdown)
+    }
+
+    /// Resolves if the market's stream is deleted or created anew while this node runs
+    /// (checked every `--cluster-ping-interval`): the node must then stop, since a new
+    /// stream's seqs start again below the ones it holds. Never resolves otherwise.
+    pub async fn lost(&self) -> ClusterError {
+        let mut lost = self.inner.lost.subscribe();
+        let reason = lost
+            .wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|r| r.clone());
+        let Some(reason) = reason else {
+            // The sender lives as long as this handle: not reached.
+            return std::future::pending().await;
+        };
+        ClusterError::StreamLost {
+            stream: self.inner.name.clone(),
+            reason,
+        }
     }
 
     /// The last tick of `symbol` as the bus holds it (GetQuotes on a symbol this node

@@ -229,6 +229,43 @@ impl Drop for Conflator {
     }
 }
 
+impl super::Hub {
+    /// Drops the fold state of symbols with no CONFLATE subscriber left. Publishing
+    /// prunes lazily too; this sweep covers symbols that stopped ticking. (Rings go with
+    /// their last receiver.)
+    pub fn prune_idle_conflations(&self) -> usize {
+        let mut pruned = 0;
+        for entry in self.shared.symbols.iter() {
+            let mut state = entry.value().lock();
+            if state.conflation.as_ref().is_some_and(|c| !c.is_used()) {
+                state.conflation = None;
+                pruned += 1;
+            }
+        }
+        pruned
+    }
+
+    /// `prune_idle_conflations` every `every` (at least 10 ms) until `shutdown`.
+    pub async fn prune_idle_conflations_every(
+        self,
+        every: std::time::Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let mut ticker = tokio::time::interval(every.max(std::time::Duration::from_millis(10)));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = ticker.tick() => {
+                    let pruned = self.prune_idle_conflations();
+                    if pruned > 0 {
+                        tracing::debug!(pruned, "idle conflation state freed");
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -524,21 +524,6 @@ impl Hub {
         state.ring.as_ref().map_or(0, Ring::reader_count)
     }
 
-    /// Drops the fold state of symbols with no CONFLATE subscriber left. Publishing
-    /// prunes lazily too; this sweep covers symbols that stopped ticking. (Rings go with
-    /// their last receiver.)
-    pub fn prune_idle_conflations(&self) -> usize {
-        let mut pruned = 0;
-        for entry in self.shared.symbols.iter() {
-            let mut state = entry.value().lock();
-            if state.conflation.as_ref().is_some_and(|c| !c.is_used()) {
-                state.conflation = None;
-                pruned += 1;
-            }
-        }
-        pruned
-    }
-
     /// The slot of `symbol`, created if the symbol limit allows; `Err(max)` otherwise.
     fn slot_or_insert(&self, symbol: &str) -> Result<Arc<SymbolSlot>, usize> {
         let max = self.shared.config.max_symbols;

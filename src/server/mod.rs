@@ -255,9 +255,10 @@ impl Server {
         })
     }
 
-    /// Serves on `listener` until `signal` resolves, then: health NOT_SERVING, open
-    /// streams end with UNAVAILABLE "server shutting down", and this returns once they
-    /// are gone or `--drain-timeout` has passed, whichever is first.
+    /// Serves on `listener` until `signal` resolves (or a cluster node's stream is lost:
+    /// then this returns that error), then: health NOT_SERVING, open streams end with
+    /// UNAVAILABLE "server shutting down", and this returns once they are gone or
+    /// `--drain-timeout` has passed, whichever is first.
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -276,6 +277,7 @@ impl Server {
             cluster,
         } = self;
         let ingest = service.ingest().clone();
+        let bus = cluster.as_ref().map(|(cluster, _)| cluster.clone());
         let healthy = match cluster {
             Some((cluster, interest)) => cluster.start(
                 hub.clone(),
@@ -322,8 +324,9 @@ impl Server {
             .max_encoding_message_size(config.max_encoding_message_size);
 
         let feed_task = feed.map(|f| f.spawn(ingest, shutdown.token().clone()));
-        let prune =
-            prune_idle_conflations(hub.clone(), config.prune_interval, shutdown.token().clone());
+        let prune = hub
+            .clone()
+            .prune_idle_conflations_every(config.prune_interval, shutdown.token().clone());
         tokio::spawn(prune);
 
         if let (Some(reloader), Some(every)) = (reloader, config.tls_reload_interval) {
@@ -466,13 +469,22 @@ impl Server {
         };
         let mut serving = serving;
 
-        tokio::select! {
+        // A cluster node whose stream was deleted or recreated stops as if signalled,
+        // then says why (`Cluster::lost`).
+        let stream_lost = async move {
+            match bus {
+                Some(bus) => bus.lost().await,
+                None => std::future::pending().await,
+            }
+        };
+        let lost = tokio::select! {
             result = &mut serving => {
                 shutdown.trigger();
                 return result;
             }
-            _ = signal => {}
-        }
+            _ = signal => None,
+            e = stream_lost => Some(e),
+        };
         tracing::info!(
             open_streams = service.active_streams(),
             drain_timeout = ?config.drain_timeout,
@@ -497,7 +509,7 @@ impl Server {
             ),
         }
         tracing::info!("stopped");
-        Ok(())
+        lost.map_or(Ok(()), |e| Err(e.into()))
     }
 }
 
@@ -548,25 +560,6 @@ async fn reload_every(reloader: TlsReloader, every: Duration, shutdown: Cancella
             _ = shutdown.cancelled() => return,
             _ = ticker.tick() => {
                 reloader.reload();
-            }
-        }
-    }
-}
-
-async fn prune_idle_conflations(
-    hub: Hub,
-    every: Duration,
-    shutdown: tokio_util::sync::CancellationToken,
-) {
-    let mut ticker = tokio::time::interval(every.max(Duration::from_millis(10)));
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = ticker.tick() => {
-                let pruned = hub.prune_idle_conflations();
-                if pruned > 0 {
-                    tracing::debug!(pruned, "idle conflation state freed");
-                }
             }
         }
     }

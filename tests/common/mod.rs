@@ -162,6 +162,11 @@ impl TestServer {
         client::connect(self.url()).await.expect("connect")
     }
 
+    /// `serve`'s future, not asked to stop: for a server that stops by itself.
+    pub fn serving(&mut self) -> JoinHandle<Result<(), tickerd::server::ServerError>> {
+        self.task.take().expect("one owner of the serving task")
+    }
+
     /// Signals shutdown and returns `serve`'s future to await.
     pub fn shutdown(&mut self) -> JoinHandle<Result<(), tickerd::server::ServerError>> {
         if let Some(stop) = self.stop.take() {
