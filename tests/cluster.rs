@@ -446,6 +446,37 @@ async fn a_node_whose_stream_is_deleted_stops_once_it_stays_gone() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_symbol_is_purged_stops_at_the_first_seq_that_goes_back() {
+    let nats = Nats::start();
+    let [a, mut b] = nodes(&nats.url()).await;
+    publish(&mut a.client().await, ticks("X", 3)).await;
+    let mut stream = Stream::open(&mut b.client().await).await;
+    stream.subscribed("X").await;
+    stream.expect(Kind::Snapshot, "X").await;
+    let js = async_nats::jetstream::new(
+        async_nats::connect(nats.url())
+            .await
+            .expect("a client of the test's nats-server"),
+    );
+    let mut market = js.get_stream("TICKERD").await.expect("the stream");
+    market.purge().await.expect("stream purged");
+    // The publishing node finds X's subject empty and stamps seq 1 again: node B, which
+    // holds seq 3 of X, must not take it (or what follows) for a tick it has.
+    let counts = publish(&mut a.client().await, ticks("X", 1)).await;
+    assert_eq!(counts.accepted, 1);
+    let stopped = within(b.serving()).await.expect("the serving task ended");
+    let error = stopped.expect_err("node B stops with an error").to_string();
+    assert!(
+        error.contains("a new tick of X with seq 1") && error.contains("purged"),
+        "{error}"
+    );
+    let end = common::end(&mut stream.rx)
+        .await
+        .expect_err("the stream is ended");
+    assert_eq!(end.code(), Code::Unavailable, "{end:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_authenticates_to_nats_and_a_wrong_token_stops_start_up() {
     let nats = Nats::start_with_token(Some("s3cret-token"));
     let token =

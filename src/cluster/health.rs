@@ -153,9 +153,7 @@ pub(super) fn watch_stream(cluster: Cluster, shutdown: CancellationToken) {
                     continue;
                 }
             };
-            tracing::error!(stream = %inner.name, %reason, "the market's stream changed under this node: stopping");
-            inner.lost.send_replace(Some(reason));
-            return;
+            return cluster.lose(reason);
         }
     });
 }

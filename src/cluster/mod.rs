@@ -132,8 +132,8 @@ pub enum ClusterError {
     #[error("cannot create or open JetStream stream {stream}: {reason}")]
     Stream { stream: String, reason: String },
     #[error(
-        "JetStream stream {stream} {reason}: the seqs this node holds belong to the old \
-         stream; start the node again to follow the new one"
+        "JetStream stream {stream} {reason}: the seqs this node holds no longer name the \
+         stream's ticks; start the node again to follow it anew"
     )]
     StreamLost { stream: String, reason: String },
 }
@@ -328,8 +328,18 @@ impl Cluster {
     }
 
     /// Resolves if the market's stream is deleted or created anew while this node runs
-    /// (checked every `--cluster-ping-interval`): the node must then stop, since a new
-    /// stream's seqs start again below the ones it holds. Never resolves otherwise.
+    /// (checked every `--cluster-ping-interval`), or a symbol's seqs on it went back
+    /// (a purge): the node must then stop, since the seqs it holds no longer name the
+    /// stream's ticks. Never resolves otherwise.
+    /// Reports the stream lost (`lost`): the first reason wins.
+    fn lose(&self, reason: String) {
+        if self.inner.lost.borrow().is_some() {
+            return;
+        }
+        tracing::error!(stream = %self.inner.name, %reason, "the market's stream changed under this node: stopping");
+        self.inner.lost.send_replace(Some(reason));
+    }
+
     pub async fn lost(&self) -> ClusterError {
         let mut lost = self.inner.lost.subscribe();
         let reason = lost

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::{codec, Cluster};
 use crate::{
     clock,
-    hub::{Hub, Interest},
+    hub::{Applied, Hub, Interest},
     symbol::Symbol,
 };
 
@@ -282,8 +282,19 @@ impl Reader<'_> {
             tick.event_time,
             stored,
         );
-        if let Err(e) = applied {
-            tracing::warn!(symbol = %self.symbol, seq = tick.seq, error = %e, "bad tick on the bus skipped");
+        match applied {
+            // Every tick read here is newer on the stream than the last one applied, so
+            // a seq at or below the symbol's means its seqs went back (the stream or the
+            // subject purged): the seqs this node holds now name other ticks.
+            Ok(Applied::Duplicate) => self.cluster.lose(format!(
+                "stored a new tick of {} with seq {}, at or below one this node holds \
+                 (was it purged?)",
+                self.symbol, tick.seq
+            )),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(symbol = %self.symbol, seq = tick.seq, error = %e, "bad tick on the bus skipped");
+            }
         }
     }
 
