@@ -458,7 +458,7 @@ async fn a_node_whose_symbol_is_purged_stops_at_the_first_seq_that_goes_back() {
             .await
             .expect("a client of the test's nats-server"),
     );
-    let mut market = js.get_stream("TICKERD").await.expect("the stream");
+    let market = js.get_stream("TICKERD").await.expect("the stream");
     market.purge().await.expect("stream purged");
     // The publishing node finds X's subject empty and stamps seq 1 again: node B, which
     // holds seq 3 of X, must not take it (or what follows) for a tick it has.
