@@ -127,6 +127,8 @@ pub(super) fn watch_stream(cluster: Cluster, shutdown: CancellationToken) {
                 _ = tokio::time::sleep(inner.args.cluster_ping_interval) => {}
             }
             if !cluster.is_connected() {
+                // A stream missing before an outage says nothing about after it.
+                missing_since = None;
                 continue;
             }
             let reason = match inner.context.get_stream(&inner.name).await {
