@@ -327,10 +327,6 @@ impl Cluster {
         health::spawn(self.clone(), hub, shutdown)
     }
 
-    /// Resolves if the market's stream is deleted or created anew while this node runs
-    /// (checked every `--cluster-ping-interval`), or a symbol's seqs on it went back
-    /// (a purge): the node must then stop, since the seqs it holds no longer name the
-    /// stream's ticks. Never resolves otherwise.
     /// Reports the stream lost (`lost`): the first reason wins.
     fn lose(&self, reason: String) {
         if self.inner.lost.borrow().is_some() {
@@ -340,6 +336,10 @@ impl Cluster {
         self.inner.lost.send_replace(Some(reason));
     }
 
+    /// Resolves if the market's stream is deleted or created anew while this node runs
+    /// (checked every `--cluster-ping-interval`), or a symbol's seqs on it went back
+    /// (a purge): the node must then stop, since the seqs it holds no longer name the
+    /// stream's ticks. Never resolves otherwise.
     pub async fn lost(&self) -> ClusterError {
         let mut lost = self.inner.lost.subscribe();
         let reason = lost
