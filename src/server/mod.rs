@@ -469,7 +469,7 @@ impl Server {
         };
         let mut serving = serving;
 
-        // A cluster node whose stream was deleted or recreated stops as if signalled,
+        // A cluster node whose stream was deleted, recreated or purged stops as if signalled,
         // then says why (`Cluster::lost`).
         let stream_lost = async move {
             match bus {
