@@ -390,6 +390,33 @@ async fn an_outage_longer_than_the_history_is_announced_with_the_exact_count() {
     assert_eq!(ticks, [8, 9, 10, 11]);
 }
 
+/// A JetStream client of the test's nats-server, to change the stream behind the nodes.
+async fn jetstream(nats: &Nats) -> async_nats::jetstream::Context {
+    async_nats::jetstream::new(
+        async_nats::connect(nats.url())
+            .await
+            .expect("a client of the test's nats-server"),
+    )
+}
+
+/// The error a node stops with by itself.
+async fn stopped_with_error(node: &mut TestServer) -> String {
+    let stopped = within(node.serving())
+        .await
+        .expect("the serving task ended");
+    stopped
+        .expect_err("the node stops with an error")
+        .to_string()
+}
+
+/// A stream the node ended as it stopped: UNAVAILABLE.
+async fn ended_unavailable(stream: &mut Stream) {
+    let end = common::end(&mut stream.rx)
+        .await
+        .expect_err("the stream is ended");
+    assert_eq!(end.code(), Code::Unavailable, "{end:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_whose_stream_is_recreated_stops_and_says_why() {
     let nats = Nats::start();
@@ -400,11 +427,7 @@ async fn a_node_whose_stream_is_recreated_stops_and_says_why() {
     stream.expect(Kind::Snapshot, "X").await;
     // The market's stream deleted and made again behind the node's back: its seqs start
     // again at 1, below the node's 3, which would take each new tick for an old one.
-    let js = async_nats::jetstream::new(
-        async_nats::connect(nats.url())
-            .await
-            .expect("a client of the test's nats-server"),
-    );
+    let js = jetstream(&nats).await;
     js.delete_stream("TICKERD").await.expect("stream deleted");
     js.create_stream(async_nats::jetstream::stream::Config {
         name: "TICKERD".into(),
@@ -413,18 +436,12 @@ async fn a_node_whose_stream_is_recreated_stops_and_says_why() {
     })
     .await
     .expect("stream created again");
-    let stopped = within(a.serving()).await.expect("the serving task ended");
-    let error = stopped
-        .expect_err("the node stops with an error")
-        .to_string();
+    let error = stopped_with_error(&mut a).await;
     assert!(
         error.contains("TICKERD was created anew") && error.contains("start the node again"),
         "{error}"
     );
-    let end = common::end(&mut stream.rx)
-        .await
-        .expect_err("the stream is ended");
-    assert_eq!(end.code(), Code::Unavailable, "{end:?}");
+    ended_unavailable(&mut stream).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -432,16 +449,9 @@ async fn a_node_whose_stream_is_deleted_stops_once_it_stays_gone() {
     let nats = Nats::start();
     let mut a = node(&nats.url()).await;
     publish(&mut a.client().await, ticks("X", 1)).await;
-    let js = async_nats::jetstream::new(
-        async_nats::connect(nats.url())
-            .await
-            .expect("a client of the test's nats-server"),
-    );
+    let js = jetstream(&nats).await;
     js.delete_stream("TICKERD").await.expect("stream deleted");
-    let stopped = within(a.serving()).await.expect("the serving task ended");
-    let error = stopped
-        .expect_err("the node stops with an error")
-        .to_string();
+    let error = stopped_with_error(&mut a).await;
     assert!(error.contains("TICKERD was deleted"), "{error}");
 }
 
@@ -453,27 +463,19 @@ async fn a_node_whose_symbol_is_purged_stops_at_the_first_seq_that_goes_back() {
     let mut stream = Stream::open(&mut b.client().await).await;
     stream.subscribed("X").await;
     stream.expect(Kind::Snapshot, "X").await;
-    let js = async_nats::jetstream::new(
-        async_nats::connect(nats.url())
-            .await
-            .expect("a client of the test's nats-server"),
-    );
+    let js = jetstream(&nats).await;
     let market = js.get_stream("TICKERD").await.expect("the stream");
     market.purge().await.expect("stream purged");
     // The publishing node finds X's subject empty and stamps seq 1 again: node B, which
     // holds seq 3 of X, must not take it (or what follows) for a tick it has.
     let counts = publish(&mut a.client().await, ticks("X", 1)).await;
     assert_eq!(counts.accepted, 1);
-    let stopped = within(b.serving()).await.expect("the serving task ended");
-    let error = stopped.expect_err("node B stops with an error").to_string();
+    let error = stopped_with_error(&mut b).await;
     assert!(
         error.contains("a new tick of X with seq 1") && error.contains("purged"),
         "{error}"
     );
-    let end = common::end(&mut stream.rx)
-        .await
-        .expect_err("the stream is ended");
-    assert_eq!(end.code(), Code::Unavailable, "{end:?}");
+    ended_unavailable(&mut stream).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
