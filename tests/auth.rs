@@ -2,7 +2,7 @@
 //! algorithms, entitlements on every RPC, expiry mid-stream, in-band refresh, health
 //! and reflection, and the token never reaching the log.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! The stalled and slow clients are plain tonic channels with default settings, so the
 //! h2 client's small-DATA-frame guard (h2 >= 0.4.16) is in force.
 
-mod common;
+use crate::common;
 
 use common::{next, publish, ticks, within, Stream, TestServer};
 use tickerd::{

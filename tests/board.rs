@@ -5,7 +5,7 @@
 //! with a token, a symbol it does not cover keeps its row, marked rejected.
 //! A screenshot lands in `target/board.png` (the README's comes from it).
 
-mod common;
+use crate::common;
 
 use common::{browser::Browser, TickerdProcess};
 use fantoccini::Locator;

@@ -1,6 +1,6 @@
 //! The real `ticker` binary against a real server.
 
-mod common;
+use crate::common;
 
 use common::{publish, ticks, token, Keys, Stream, TestServer, TickerCli};
 use std::time::Duration;

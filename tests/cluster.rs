@@ -2,7 +2,7 @@
 //! seq and epoch everywhere, resume on any node, interest-based reading, and the
 //! faults (NATS killed and restarted, a node cut from NATS, a node killed).
 
-mod common;
+use crate::common;
 
 use std::{collections::BTreeSet, sync::atomic::Ordering, time::Duration};
 

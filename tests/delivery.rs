@@ -1,7 +1,7 @@
 //! Delivery guarantees: resume after reconnect (inside and outside the history, across
 //! an epoch change), CONFLATE, STRICT and mixed policies on one stream.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

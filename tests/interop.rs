@@ -7,7 +7,7 @@
 //! (grpcio in a virtual environment, the grpc-go client built with Debian's Go and
 //! grpc-go); without them the tests fail with that hint.
 
-mod common;
+use crate::common;
 
 use std::{
     io::Write as _,

@@ -2,7 +2,7 @@
 //! must be exact, or no figure in the README's Performance section can be trusted.
 //! Small, bounded runs: a few streams for well under a second of publishing.
 
-mod common;
+use crate::common;
 
 use clap::Parser;
 use common::TestServer;

@@ -1,7 +1,7 @@
 //! The operations endpoint of a real server during real sessions: /metrics parsed with a
 //! Prometheus text parser, /healthz across a drain, /streams.
 
-mod common;
+use crate::common;
 
 use common::{end, h2raw::*, publish, ticks, within, Stream, TestServer};
 use prometheus_parse::{Scrape, Value};

@@ -1,6 +1,6 @@
 //! Subscribe (server streaming), Publish (client streaming) and GetQuotes (unary).
 
-mod common;
+use crate::common;
 
 use bytes::{BufMut, Bytes};
 use common::{end, next, publish, ticks, TestServer};

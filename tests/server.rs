@@ -1,7 +1,7 @@
 //! Server-level behaviour: health, reflection, the stream cap, junk on the port,
 //! feeds, and the shutdown drain (in process and as the real binary under SIGTERM).
 
-mod common;
+use crate::common;
 
 use common::{end, publish, ticks, within, Stream, TestServer, TickerdProcess};
 use tickerd::{client::Kind, pb::GetQuotesRequest, pb::SubscribeRequest};

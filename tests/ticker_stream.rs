@@ -1,6 +1,6 @@
 //! TickerStream (bidirectional) semantics against a real server and tonic client.
 
-mod common;
+use crate::common;
 
 use common::{publish, ticks, Stream, TestServer};
 use tickerd::{

@@ -1,7 +1,7 @@
 //! TLS and mutual TLS with certificates made by the test: what connects, what is
 //! refused, the handshake bound, rotation on SIGHUP, and start-up refusals.
 
-mod common;
+use crate::common;
 
 use common::{
     tickerd_exit, ticks, tls_call, tls_client, within, Keys, Stream, TestServer, TickerdProcess,

@@ -3,7 +3,7 @@
 //! resume across a reconnect, policies, backpressure (LAGGED for a stalled socket, the
 //! STRICT close), auth by first message, origins, and bad frames.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
