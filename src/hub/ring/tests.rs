@@ -236,13 +236,24 @@ async fn a_reader_behind_a_hole_from_the_bus_takes_every_tick_after_it() {
     hub.apply(generation, "A", 8, 1.0, 1, 1).unwrap();
     assert_eq!(ring_seqs(&hub), vec![3, 6, 7, 8]);
     assert_eq!(late.try_next().map(|t| t.seq), Some(8));
+    // A reader past the hole while the ring still holds ticks from before it: the
+    // distance from the front lands on a later tick (10 for 8), so its place is found
+    // by seq and nothing between is skipped.
+    for seq in [9, 10] {
+        hub.apply(generation, "A", seq, 1.0, 1, 1).unwrap();
+    }
+    assert_eq!(ring_seqs(&hub), vec![3, 6, 7, 8, 9, 10]);
+    out.clear();
+    assert_eq!(other.take(32, &mut out), 3);
+    let taken: Vec<u64> = out.iter().map(|t| t.seq).collect();
+    assert_eq!(taken, vec![8, 9, 10], "from its own place, by seq");
     let mut seqs = Vec::new();
     while let Some(t) = behind.try_next() {
         seqs.push(t.seq);
     }
-    assert_eq!(seqs, vec![3, 6, 7, 8], "after the hole, by seq");
-    hub.apply(generation, "A", 9, 1.0, 1, 1).unwrap();
-    assert_eq!(behind.try_next().map(|t| t.seq), Some(9));
+    assert_eq!(seqs, vec![3, 6, 7, 8, 9, 10], "after the hole, by seq");
+    hub.apply(generation, "A", 11, 1.0, 1, 1).unwrap();
+    assert_eq!(behind.try_next().map(|t| t.seq), Some(11));
     assert_eq!(behind.try_next().map(|t| t.seq), None);
 }
 
