@@ -208,3 +208,38 @@ async fn a_tiny_window_is_obeyed_and_every_loss_announced() {
         assert_eq!(seen["W"].ticks + lost, total, "direct {direct}");
     }
 }
+
+/// A subscription changing policy goes on from the last tick the client got, also when
+/// publishes sent that tick straight into the connection (the session hears of those
+/// only when it looks): no tick again, none missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_change_goes_on_after_the_ticks_sent_directly() {
+    for direct in [true, false] {
+        let server = server(direct).await;
+        // Publishes on a connection of their own: one read in the stream's connection
+        // pass finds that connection's window taken back, and rings the bell instead.
+        let mut publisher = server.client().await;
+        publish(&mut publisher, vec![PublishRequest::new("P", 1.0)]).await;
+        let mut stream = Stream::open(&mut server.client().await).await;
+        stream.subscribed("P").await;
+        assert_eq!(stream.expect(Kind::Snapshot, "P").await.seq, 1);
+        // One tick at a time, each read before the next: the stream is idle for each.
+        for seq in 2..=6 {
+            publish(&mut publisher, vec![PublishRequest::new("P", 1.0)]).await;
+            assert_eq!(stream.expect(Kind::Tick, "P").await.seq, seq);
+        }
+        let sent_directly = server.counter("tickerd_ticks_delivered_direct_total").await;
+        assert_eq!(sent_directly > 0, direct, "direct {direct}: {sent_directly}");
+
+        stream.send(TickerRequest::subscribe("P").strict()).await;
+        let ack = stream.expect(Kind::Subscribed, "P").await;
+        assert!(ack.recovered, "direct {direct}: {ack:?}");
+        publish(&mut publisher, vec![PublishRequest::new("P", 2.0)]).await;
+        let next = stream.next().await;
+        assert_eq!(
+            (next.kind(), next.seq),
+            (Kind::Tick, 7),
+            "direct {direct}: {next:?}"
+        );
+    }
+}
