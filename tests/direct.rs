@@ -1,8 +1,10 @@
 //! Publishes that frame ticks straight into idle streams' connection buffers
 //! (`--direct-publish`, on by default) keep every rule of the stream: per symbol the
 //! ack, then the snapshot, then ticks in seq order with every gap announced; nothing
-//! after UNSUBSCRIBED; exact counters while the stream is open; HTTP/2 flow control on
-//! tiny windows. Each case runs with the option on and off, to the same expectations.
+//! after UNSUBSCRIBED; exact counters while the stream is open; a policy change that goes
+//! on after the last tick sent; HTTP/2 flow control on a tiny stream window and on the
+//! connection's window. Each case runs with the option on and off, to the same
+//! expectations.
 
 use crate::common;
 
@@ -209,6 +211,47 @@ async fn a_tiny_window_is_obeyed_and_every_loss_announced() {
     }
 }
 
+/// The same on the connection's window: a client whose streams may take 1 MiB each but
+/// whose connection takes 64 KiB at a time (HTTP/2's initial size), and which stops
+/// reading. Publishes must stop framing where the connection window ends (an h2 client
+/// closes the connection on any byte past it), and the ring announce what it dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_window_is_obeyed_and_every_loss_announced() {
+    for direct in [true, false] {
+        let server = server(direct).await;
+        let mut client = server.client().await;
+        publish(&mut client, vec![PublishRequest::new("V", 1.0)]).await;
+        let channel = tickerd::client::endpoint(server.url())
+            .expect("endpoint")
+            .initial_stream_window_size(1024 * 1024)
+            .initial_connection_window_size(65_535)
+            .connect()
+            .await
+            .expect("connect");
+        let mut slow = TickerStreamServiceClient::new(channel);
+        let mut stream = Stream::open(&mut slow).await;
+        let mut seen = HashMap::new();
+        stream.send(TickerRequest::subscribe("V")).await;
+        read_until(&mut stream, &mut seen, Kind::Snapshot, "V").await;
+        // Far more than 64 KiB of ticks while the client reads nothing.
+        let total = 5_000;
+        publish(
+            &mut client,
+            (0..total).map(|_| PublishRequest::new("V", 2.0)).collect(),
+        )
+        .await;
+        let mut lost = 0;
+        while seen["V"].last < 1 + total {
+            let msg = stream.next().await;
+            if msg.kind() == Kind::Lagged {
+                lost += msg.dropped;
+            }
+            check(&mut seen, &msg);
+        }
+        assert_eq!(seen["V"].ticks + lost, total, "direct {direct}");
+    }
+}
+
 /// A subscription changing policy goes on from the last tick the client got, also when
 /// publishes sent that tick straight into the connection (the session hears of those
 /// only when it looks): no tick again, none missed.
@@ -229,7 +272,11 @@ async fn a_policy_change_goes_on_after_the_ticks_sent_directly() {
             assert_eq!(stream.expect(Kind::Tick, "P").await.seq, seq);
         }
         let sent_directly = server.counter("tickerd_ticks_delivered_direct_total").await;
-        assert_eq!(sent_directly > 0, direct, "direct {direct}: {sent_directly}");
+        assert_eq!(
+            sent_directly > 0,
+            direct,
+            "direct {direct}: {sent_directly}"
+        );
 
         stream.send(TickerRequest::subscribe("P").strict()).await;
         let ack = stream.expect(Kind::Subscribed, "P").await;
