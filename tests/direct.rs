@@ -170,86 +170,54 @@ async fn churn_keeps_each_symbols_order_and_the_counts_exact() {
     }
 }
 
+/// Publishes stop framing where a window ends (an h2 client errs on any byte past it,
+/// and closes the whole connection past the connection's window) and fall back on the
+/// ring, announcing what it dropped: a client that grants 1 KiB per stream and reads
+/// slowly, and one whose streams may take 1 MiB each but whose connection takes 64 KiB at
+/// a time (HTTP/2's initial size) and reads nothing until everything is published.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tiny_window_is_obeyed_and_every_loss_announced() {
     for direct in [true, false] {
-        let server = server(direct).await;
-        let mut client = server.client().await;
-        publish(&mut client, vec![PublishRequest::new("W", 1.0)]).await;
-        // A client that grants 1 KiB per stream and reads slowly: the server must stop
-        // at the window (an h2 client errs on any byte past it) and fall back on the
-        // ring, announcing what the ring dropped.
-        let channel = tickerd::client::endpoint(server.url())
-            .expect("endpoint")
-            .initial_stream_window_size(1024)
-            .connect()
-            .await
-            .expect("connect");
-        let mut slow = TickerStreamServiceClient::new(channel);
-        let mut stream = Stream::open(&mut slow).await;
-        let mut seen = HashMap::new();
-        stream.send(TickerRequest::subscribe("W")).await;
-        read_until(&mut stream, &mut seen, Kind::Snapshot, "W").await;
-        let total = 5_000;
-        publish(
-            &mut client,
-            (0..total).map(|_| PublishRequest::new("W", 2.0)).collect(),
-        )
-        .await;
-        let mut lost = 0;
-        while seen["W"].last < 1 + total {
-            let msg = stream.next().await;
-            if msg.kind() == Kind::Lagged {
-                lost += msg.dropped;
-            }
-            check(&mut seen, &msg);
-            if seen["W"].ticks % 100 == 0 {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        }
-        assert_eq!(seen["W"].ticks + lost, total, "direct {direct}");
+        windowed(direct, 1024, None).await;
+        windowed(direct, 1024 * 1024, Some(65_535)).await;
     }
 }
 
-/// The same on the connection's window: a client whose streams may take 1 MiB each but
-/// whose connection takes 64 KiB at a time (HTTP/2's initial size), and which stops
-/// reading. Publishes must stop framing where the connection window ends (an h2 client
-/// closes the connection on any byte past it), and the ring announce what it dropped.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_connection_window_is_obeyed_and_every_loss_announced() {
-    for direct in [true, false] {
-        let server = server(direct).await;
-        let mut client = server.client().await;
-        publish(&mut client, vec![PublishRequest::new("V", 1.0)]).await;
-        let channel = tickerd::client::endpoint(server.url())
-            .expect("endpoint")
-            .initial_stream_window_size(1024 * 1024)
-            .initial_connection_window_size(65_535)
-            .connect()
-            .await
-            .expect("connect");
-        let mut slow = TickerStreamServiceClient::new(channel);
-        let mut stream = Stream::open(&mut slow).await;
-        let mut seen = HashMap::new();
-        stream.send(TickerRequest::subscribe("V")).await;
-        read_until(&mut stream, &mut seen, Kind::Snapshot, "V").await;
-        // Far more than 64 KiB of ticks while the client reads nothing.
-        let total = 5_000;
-        publish(
-            &mut client,
-            (0..total).map(|_| PublishRequest::new("V", 2.0)).collect(),
-        )
-        .await;
-        let mut lost = 0;
-        while seen["V"].last < 1 + total {
-            let msg = stream.next().await;
-            if msg.kind() == Kind::Lagged {
-                lost += msg.dropped;
-            }
-            check(&mut seen, &msg);
-        }
-        assert_eq!(seen["V"].ticks + lost, total, "direct {direct}");
+async fn windowed(direct: bool, stream_window: u32, conn_window: Option<u32>) {
+    let server = server(direct).await;
+    let mut client = server.client().await;
+    publish(&mut client, vec![PublishRequest::new("W", 1.0)]).await;
+    let mut endpoint = tickerd::client::endpoint(server.url())
+        .expect("endpoint")
+        .initial_stream_window_size(stream_window);
+    if let Some(window) = conn_window {
+        endpoint = endpoint.initial_connection_window_size(window);
     }
+    let channel = endpoint.connect().await.expect("connect");
+    let mut slow = TickerStreamServiceClient::new(channel);
+    let mut stream = Stream::open(&mut slow).await;
+    let mut seen = HashMap::new();
+    stream.send(TickerRequest::subscribe("W")).await;
+    read_until(&mut stream, &mut seen, Kind::Snapshot, "W").await;
+    let total = 5_000;
+    publish(
+        &mut client,
+        (0..total).map(|_| PublishRequest::new("W", 2.0)).collect(),
+    )
+    .await;
+    let mut lost = 0;
+    while seen["W"].last < 1 + total {
+        let msg = stream.next().await;
+        if msg.kind() == Kind::Lagged {
+            lost += msg.dropped;
+        }
+        check(&mut seen, &msg);
+        if seen["W"].ticks % 100 == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    let case = format!("direct {direct}, windows {stream_window} and {conn_window:?}");
+    assert_eq!(seen["W"].ticks + lost, total, "{case}");
 }
 
 /// The same when the client stops reading its socket while its HTTP/2 windows stay wide
