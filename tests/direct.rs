@@ -253,10 +253,10 @@ async fn a_stalled_socket_keeps_each_streams_order() {
         ));
         assert!(raw.send(&hello).await);
 
-        let mut body = Vec::new();
+        let (mut body, mut ready) = (Vec::new(), Default::default());
         let mut seen = HashMap::new();
         loop {
-            let msg = next_message(&mut raw, &mut body).await;
+            let msg = next_message(&mut raw, &mut body, &mut ready).await;
             check(&mut seen, &msg);
             if msg.kind() == Kind::Snapshot {
                 break;
@@ -279,7 +279,7 @@ async fn a_stalled_socket_keeps_each_streams_order() {
         let total: u64 = batches.iter().map(|(count, size)| count * size).sum();
         let mut lost = 0;
         while seen["S"].last < 1 + total {
-            let msg = next_message(&mut raw, &mut body).await;
+            let msg = next_message(&mut raw, &mut body, &mut ready).await;
             if msg.kind() == Kind::Lagged {
                 lost += msg.dropped;
             }
@@ -328,20 +328,22 @@ async fn a_policy_change_goes_on_after_the_ticks_sent_directly() {
     }
 }
 
-/// The next message of stream 1, out of its DATA frames (`body` keeps what is left over).
-async fn next_message(raw: &mut common::h2raw::Raw, body: &mut Vec<u8>) -> TickerResponse {
-    use prost::Message as _;
+/// The next message of stream 1: `ready` holds those already out of its DATA frames,
+/// `body` what is left of a message not whole yet.
+async fn next_message(
+    raw: &mut common::h2raw::Raw,
+    body: &mut Vec<u8>,
+    ready: &mut std::collections::VecDeque<TickerResponse>,
+) -> TickerResponse {
     loop {
-        if body.len() >= 5 {
-            let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
-            if body.len() >= 5 + len {
-                let msg = TickerResponse::decode(&body[5..5 + len]).expect("a message");
-                body.drain(..5 + len);
-                return msg;
-            }
+        if let Some(msg) = ready.pop_front() {
+            return msg;
         }
         match raw.next_frame(Duration::from_secs(10)).await {
-            Some((common::h2raw::DATA, _, 1, payload)) => body.extend_from_slice(&payload),
+            Some((common::h2raw::DATA, _, 1, payload)) => {
+                body.extend_from_slice(&payload);
+                ready.extend(common::h2raw::take_messages(body));
+            }
             Some(_) => {}
             None => panic!("the connection ended or fell silent"),
         }

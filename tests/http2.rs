@@ -169,20 +169,6 @@ async fn a_window_smaller_than_a_message_splits_it_and_loses_nothing() {
     );
 }
 
-/// The gRPC messages whole in `bytes`, taken out of it.
-fn take_messages(bytes: &mut Vec<u8>) -> Vec<tickerd::pb::TickerResponse> {
-    let mut out = Vec::new();
-    while bytes.len() >= 5 {
-        let len = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;
-        if bytes.len() < 5 + len {
-            break;
-        }
-        let msg: Vec<u8> = bytes.drain(..5 + len).skip(5).collect();
-        out.push(tickerd::pb::TickerResponse::decode(&msg[..]).expect("a whole message"));
-    }
-    out
-}
-
 /// A client sending a steady trickle (a Subscribe per round trip here; a feed's ticks on
 /// a Publish call) gets its stream window back in quarter-window steps, not a
 /// WINDOW_UPDATE per frame read: each would cost the server a write and wake the client.

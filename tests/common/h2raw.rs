@@ -114,6 +114,23 @@ pub fn grpc_message(body: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The gRPC messages whole in `bytes`, taken out of it.
+pub fn take_messages(bytes: &mut Vec<u8>) -> Vec<tickerd::pb::TickerResponse> {
+    let mut out = Vec::new();
+    while bytes.len() >= 5 {
+        let len = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;
+        if bytes.len() < 5 + len {
+            break;
+        }
+        let msg: Vec<u8> = bytes.drain(..5 + len).skip(5).collect();
+        out.push(
+            <tickerd::pb::TickerResponse as prost::Message>::decode(&msg[..])
+                .expect("a whole message"),
+        );
+    }
+    out
+}
+
 /// A raw HTTP/2 client connection.
 pub struct Raw {
     pub socket: TcpStream,
