@@ -221,72 +221,90 @@ async fn windowed(direct: bool, stream_window: u32, conn_window: Option<u32>) {
 }
 
 /// The same when the client stops reading its socket while its HTTP/2 windows stay wide
-/// open: the server's writes stall with its buffer full, and the stream backs up into
-/// its ring. Read again, every tick comes in seq order or is announced.
+/// open: the server's writes stall with its buffer full. Read again, every tick comes
+/// in seq order or is announced. Two ways into the stall: big batches, where the stream
+/// backs up into its ring; and small ones only, where the stream keeps up with each
+/// batch, so publishes go on framing its ticks while the connection's last write is
+/// unfinished (what they framed must still leave ahead of what the stream's next poll
+/// adds).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_socket_keeps_each_streams_order() {
+    // (batches, ticks in each): about 9 MB in all, twice what the kernel buffers on
+    // loopback (4 MiB at most on the server's side).
+    let big_then_small: &[(u64, usize)] = &[(20, 5_000), (200, 50)];
+    let small_only: &[(u64, usize)] = &[(2_100, 50)];
+    for direct in [true, false] {
+        for plan in [big_then_small, small_only] {
+            stalled(direct, plan).await;
+        }
+    }
+}
+
+async fn stalled(direct: bool, batches: &[(u64, usize)]) {
     use common::h2raw::{self, Raw};
     use prost::Message as _;
 
-    for direct in [true, false] {
-        let server = server(direct).await;
-        let mut client = server.client().await;
-        publish(&mut client, vec![PublishRequest::new("S", 1.0)]).await;
-        let window = 1 << 30;
-        let mut raw = Raw::connect(
-            server.addr,
-            &[(h2raw::SETTINGS_INITIAL_WINDOW_SIZE, window)],
-        )
-        .await;
-        let mut hello = h2raw::frame(h2raw::WINDOW_UPDATE, 0, 0, &(window - 65_535).to_be_bytes());
-        hello.extend(h2raw::frame(
-            h2raw::HEADERS,
-            h2raw::END_HEADERS,
-            1,
-            &h2raw::grpc_headers("TickerStream"),
-        ));
-        hello.extend(h2raw::frame(
-            h2raw::DATA,
-            0,
-            1,
-            &h2raw::grpc_message(&TickerRequest::subscribe("S").encode_to_vec()),
-        ));
-        assert!(raw.send(&hello).await);
+    let server = server(direct).await;
+    let mut client = server.client().await;
+    publish(&mut client, vec![PublishRequest::new("S", 1.0)]).await;
+    let window = 1 << 30;
+    let mut raw = Raw::connect(
+        server.addr,
+        &[(h2raw::SETTINGS_INITIAL_WINDOW_SIZE, window)],
+    )
+    .await;
+    let mut hello = h2raw::frame(h2raw::WINDOW_UPDATE, 0, 0, &(window - 65_535).to_be_bytes());
+    hello.extend(h2raw::frame(
+        h2raw::HEADERS,
+        h2raw::END_HEADERS,
+        1,
+        &h2raw::grpc_headers("TickerStream"),
+    ));
+    hello.extend(h2raw::frame(
+        h2raw::DATA,
+        0,
+        1,
+        &h2raw::grpc_message(&TickerRequest::subscribe("S").encode_to_vec()),
+    ));
+    assert!(raw.send(&hello).await);
 
-        let (mut body, mut ready) = (Vec::new(), Default::default());
-        let mut seen = HashMap::new();
-        loop {
-            let msg = next_message(&mut raw, &mut body, &mut ready).await;
-            check(&mut seen, &msg);
-            if msg.kind() == Kind::Snapshot {
-                break;
-            }
+    let (mut body, mut ready) = (Vec::new(), Default::default());
+    let mut seen = HashMap::new();
+    loop {
+        let msg = next_message(&mut raw, &mut body, &mut ready).await;
+        check(&mut seen, &msg);
+        if msg.kind() == Kind::Snapshot {
+            break;
         }
-
-        // Not a byte read while twice what the kernel buffers on loopback (4 MiB at most
-        // on the server's side) is published: the server's writes stall. Then small
-        // batches, a publish at a time, while the stall lasts.
-        let batches = [(20, 5_000), (200, 50)];
-        for (count, size) in batches {
-            for _ in 0..count {
-                publish(
-                    &mut client,
-                    (0..size).map(|_| PublishRequest::new("S", 2.0)).collect(),
-                )
-                .await;
-            }
-        }
-        let total: u64 = batches.iter().map(|(count, size)| count * size).sum();
-        let mut lost = 0;
-        while seen["S"].last < 1 + total {
-            let msg = next_message(&mut raw, &mut body, &mut ready).await;
-            if msg.kind() == Kind::Lagged {
-                lost += msg.dropped;
-            }
-            check(&mut seen, &msg);
-        }
-        assert_eq!(seen["S"].ticks + lost, total, "direct {direct}");
     }
+
+    // Not a byte read while the batches are published: the server's writes stall.
+    for &(count, size) in batches {
+        for _ in 0..count {
+            publish(
+                &mut client,
+                (0..size).map(|_| PublishRequest::new("S", 2.0)).collect(),
+            )
+            .await;
+        }
+    }
+    let total: u64 = batches
+        .iter()
+        .map(|&(count, size)| count * size as u64)
+        .sum();
+    let mut lost = 0;
+    while seen["S"].last < 1 + total {
+        let msg = next_message(&mut raw, &mut body, &mut ready).await;
+        if msg.kind() == Kind::Lagged {
+            lost += msg.dropped;
+        }
+        check(&mut seen, &msg);
+    }
+    assert_eq!(
+        seen["S"].ticks + lost,
+        total,
+        "direct {direct}, batches {batches:?}"
+    );
 }
 
 /// A subscription changing policy goes on from the last tick the client got, also when
