@@ -475,4 +475,61 @@ mod tests {
             assert_eq!(&got[0].symbol, sym);
         }
     }
+
+    /// A waker that publishes a tick of `symbol` when its last clone is dropped.
+    struct PublishOnDrop {
+        hub: Hub,
+        symbol: &'static str,
+        fired: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl std::task::Wake for PublishOnDrop {
+        fn wake(self: Arc<Self>) {}
+    }
+
+    impl Drop for PublishOnDrop {
+        fn drop(&mut self) {
+            self.hub.publish(self.symbol, 2.0, 0).unwrap();
+            self.fired.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// A tick published after a poll's first look at the bell's news, but before it arms
+    /// the bell, is found by the look after arming, not left for a later tick to bring
+    /// (no ring wakes a bell that is not armed). The tick is published from that very
+    /// window: by the drop of the last waker, which the bell lets go of as it registers
+    /// the poll's new one, just before it arms.
+    #[test]
+    fn a_tick_published_just_before_the_bell_is_armed_is_not_left_behind() {
+        use futures_core::Stream as _;
+        use std::{pin::Pin, sync::atomic::AtomicBool};
+
+        let hub = Hub::new(HubConfig::default());
+        let mut s = subscribed(&hub, &["B"]);
+        let fired = Arc::new(AtomicBool::new(false));
+        let last = std::task::Waker::from(Arc::new(PublishOnDrop {
+            hub: hub.clone(),
+            symbol: "B",
+            fired: fired.clone(),
+        }));
+        assert!(Pin::new(&mut s)
+            .poll_next(&mut Context::from_waker(&last))
+            .is_pending());
+        drop(last);
+        assert!(!fired.load(Ordering::SeqCst), "the bell holds the waker");
+
+        let got = Pin::new(&mut s).poll_next(&mut Context::from_waker(noop_waker_ref()));
+        assert!(fired.load(Ordering::SeqCst), "published during the poll");
+        match got {
+            Poll::Ready(Some(Ok(out))) => {
+                let msg = out.to_response();
+                assert_eq!(
+                    (msg.kind(), msg.symbol.as_str(), msg.seq),
+                    (Kind::Tick, "B", 2)
+                );
+            }
+            Poll::Ready(_) => panic!("the stream ended or failed"),
+            Poll::Pending => panic!("the tick published before the bell was armed waits"),
+        }
+    }
 }
