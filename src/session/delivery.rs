@@ -421,6 +421,71 @@ mod tests {
         assert_eq!(msgs.len(), 61, "60 ticks and one warning");
     }
 
+    /// One warning per backlog: none below half the ring, none again while the backlog
+    /// stays above a quarter, and a new one once it fell below a quarter and rose past
+    /// half again.
+    #[test]
+    fn a_backlog_warns_once_until_it_falls_below_a_quarter() {
+        use crate::pb::TickerResponse;
+        use futures_core::Stream as _;
+
+        let hub = Hub::new(HubConfig {
+            channel_capacity: 64,
+            ..HubConfig::default()
+        });
+        hub.publish("A", 1.0, 0).unwrap();
+        let mut s = session(&hub);
+        s.subscribe("A");
+        drain(&mut s);
+        let publish = |n: usize| {
+            for _ in 0..n {
+                hub.publish("A", 1.0, 0).unwrap();
+            }
+        };
+        let warnings = |msgs: &[TickerResponse]| -> Vec<u64> {
+            msgs.iter()
+                .filter(|m| m.kind() == Kind::Backlog)
+                .map(|m| m.queue_depth)
+                .collect()
+        };
+        let mut cx = Context::from_waker(noop_waker_ref());
+        let mut take = |s: &mut Session, ticks: usize| {
+            let mut out = Vec::new();
+            while out
+                .iter()
+                .filter(|m: &&TickerResponse| m.kind() == Kind::Tick)
+                .count()
+                < ticks
+            {
+                match std::pin::Pin::new(&mut *s).poll_next(&mut cx) {
+                    Poll::Ready(Some(Ok(msg))) => out.push(msg.to_response()),
+                    _ => panic!("the stream waits or ended with ticks still behind"),
+                }
+            }
+            out
+        };
+
+        // A check every 16 ticks: 32 leave the count at a check.
+        publish(32);
+        assert!(warnings(&drain(&mut s)).is_empty(), "under half the ring");
+
+        // 60 behind: warned at the first check (44 left); 32 taken, 28 left, 28 more
+        // published: between a quarter and a half all the way down to 8 left.
+        publish(60);
+        let mut msgs = take(&mut s, 32);
+        publish(28);
+        msgs.extend(drain(&mut s));
+        assert_eq!(warnings(&msgs), [44], "one warning while above a quarter");
+
+        // 88 taken since: the next check comes 8 ticks in.
+        publish(60);
+        assert_eq!(
+            warnings(&drain(&mut s)),
+            [52],
+            "warned again after falling below"
+        );
+    }
+
     #[test]
     fn round_robin_serves_every_symbol() {
         let hub = Hub::new(HubConfig::default());
