@@ -5,7 +5,7 @@
 use crate::common;
 
 use clap::Parser;
-use common::TestServer;
+use common::{TestServer, TickerdProcess};
 use tickerd::loadgen::{self, Options, Report};
 
 #[derive(Parser)]
@@ -14,12 +14,11 @@ struct Cli {
     options: Options,
 }
 
-fn options(server: &TestServer, extra: &[&str]) -> Options {
-    let url = server.url();
+fn options(url: &str, extra: &[&str]) -> Options {
     let mut args = vec![
         "tickerd-bench",
         "--server",
-        &url,
+        url,
         "--conns",
         "2",
         "--streams",
@@ -50,13 +49,15 @@ async fn every_published_tick_is_counted_delivered_with_its_latency() {
 
 #[tokio::test]
 async fn the_servers_cpu_and_context_switches_are_reported() {
-    // The test server runs in this process: its threads are this pid's.
-    let server = TestServer::start().await;
-    let pid = std::process::id().to_string();
-    let Report::Run { steps, .. } = loadgen::run(options(&server, &["--server-pid", &pid]))
-        .await
-        .unwrap()
-    else {
+    // A process of its own: in this one, other tests' threads come and go, and a thread
+    // that ends takes its context switches out of the sum over the live ones.
+    let server = TickerdProcess::spawn(&["--feed", "none"]).await;
+    let pid = server.child.id().to_string();
+    // Busier than the other runs, for several of /proc's 10 ms CPU ticks (a debug build
+    // used 20-30 ms of CPU at 2,000 ticks/s).
+    let mut opts = options(&server.url(), &["--server-pid", &pid]);
+    opts.rate = 5000.0;
+    let Report::Run { steps, .. } = loadgen::run(opts).await.unwrap() else {
         panic!("a run report was expected");
     };
     let [step] = &steps[..] else {
@@ -70,7 +71,7 @@ async fn the_servers_cpu_and_context_switches_are_reported() {
     );
     assert!(step.server_preemptions_per_sec.is_some(), "{step:?}");
     // Without --server-pid there is nothing to read.
-    let Report::Run { steps, .. } = loadgen::run(options(&server, &[])).await.unwrap() else {
+    let Report::Run { steps, .. } = loadgen::run(options(&server.url(), &[])).await.unwrap() else {
         panic!("a run report was expected");
     };
     assert!(steps[0].server_sleeps_per_sec.is_none() && steps[0].server_cpu_seconds.is_none());
@@ -84,7 +85,7 @@ async fn the_tonic_reader_counts_the_same() {
 #[tokio::test]
 async fn the_frames_reader_refuses_https_with_a_hint() {
     let server = TestServer::start().await;
-    let mut opts = options(&server, &[]);
+    let mut opts = options(&server.url(), &[]);
     opts.servers = vec![server.url().replace("http://", "https://")];
     let Err(err) = loadgen::run(opts).await else {
         panic!("https with --reader frames must fail");
@@ -94,7 +95,8 @@ async fn the_frames_reader_refuses_https_with_a_hint() {
 
 async fn every_tick_counted(extra: &[&str]) {
     let server = TestServer::start().await;
-    let Report::Run { steps, slow, .. } = loadgen::run(options(&server, extra)).await.unwrap()
+    let Report::Run { steps, slow, .. } =
+        loadgen::run(options(&server.url(), extra)).await.unwrap()
     else {
         panic!("a run report was expected");
     };
@@ -118,7 +120,10 @@ async fn every_tick_counted(extra: &[&str]) {
 async fn stalled_streams_get_exact_lag_counts_when_they_catch_up() {
     // A 16-tick ring and a 4 KiB stream window: the two stalled streams must lose ticks.
     let server = TestServer::with(|c| c.channel_capacity = 16).await;
-    let opts = options(&server, &["--slow-streams", "2", "--stream-window", "4096"]);
+    let opts = options(
+        &server.url(),
+        &["--slow-streams", "2", "--stream-window", "4096"],
+    );
     let Report::Run { steps, slow, .. } = loadgen::run(opts).await.unwrap() else {
         panic!("a run report was expected");
     };
