@@ -348,6 +348,61 @@ mod tests {
         assert!(!s.is_quiet(&cx), "shutting down");
     }
 
+    /// Counts its wake-ups.
+    #[derive(Default)]
+    struct Wakes(std::sync::atomic::AtomicU32);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A CONFLATE subscription waits for its next message on a timer set to when it
+    /// falls due, moved on after each message: the task is woken then, not before and
+    /// not over and over (a timer left at a past deadline would wake it on every poll).
+    #[tokio::test(start_paused = true)]
+    async fn a_conflated_subscription_sleeps_until_its_next_message_is_due() {
+        use futures_core::Stream as _;
+        use std::pin::Pin;
+
+        let every = Duration::from_millis(100);
+        let hub = Hub::new(HubConfig::default());
+        hub.publish("C", 1.0, 0).unwrap();
+        let mut s = session(&hub);
+        s.subscribe_with("C", Policy::Conflate { every }, None);
+        drain(&mut s);
+        let wakes = Arc::new(Wakes::default());
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut poll = |s: &mut Session| match Pin::new(s).poll_next(&mut cx) {
+            Poll::Ready(Some(Ok(out))) => Some(out.to_response()),
+            Poll::Pending => None,
+            Poll::Ready(_) => panic!("the stream ended or failed"),
+        };
+        for round in 1..=3 {
+            hub.publish("C", 2.0, 0).unwrap();
+            hub.publish("C", 3.0, 0).unwrap();
+            if round > 1 {
+                assert!(poll(&mut s).is_none(), "round {round}: not due yet");
+                let before = wakes.0.load(Ordering::SeqCst);
+                assert!(poll(&mut s).is_none());
+                assert_eq!(
+                    wakes.0.load(Ordering::SeqCst),
+                    before,
+                    "round {round}: woken before due"
+                );
+                tokio::time::advance(every).await;
+                assert!(
+                    wakes.0.load(Ordering::SeqCst) > before,
+                    "round {round}: not woken when due"
+                );
+            }
+            let msg = poll(&mut s).expect("a conflated message when due");
+            assert_eq!((msg.kind(), msg.count), (Kind::Tick, 2), "round {round}");
+        }
+    }
+
     #[test]
     fn every_ready_tick_is_yielded_in_one_poll_pass() {
         let hub = Hub::new(HubConfig::default());
