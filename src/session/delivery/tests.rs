@@ -104,6 +104,8 @@ async fn a_conflated_subscription_sleeps_until_its_next_message_is_due() {
         Poll::Pending => None,
         Poll::Ready(_) => panic!("the stream ended or failed"),
     };
+    let sent = |s: &Session| s.ticket.info.sent.load(Ordering::Relaxed);
+    let sent_before = sent(&s);
     for round in 1..=3 {
         hub.publish("C", 2.0, 0).unwrap();
         hub.publish("C", 3.0, 0).unwrap();
@@ -125,6 +127,12 @@ async fn a_conflated_subscription_sleeps_until_its_next_message_is_due() {
         let msg = poll(&mut s).expect("a conflated message when due");
         assert_eq!((msg.kind(), msg.count), (Kind::Tick, 2), "round {round}");
     }
+    assert!(poll(&mut s).is_none());
+    assert_eq!(
+        sent(&s) - sent_before,
+        3,
+        "each conflated message counted as sent"
+    );
 }
 
 /// The publish-to-send latency is sampled at most once per 100 ms of event time, as
