@@ -220,8 +220,10 @@ fn a_backlog_past_half_the_channel_is_announced_before_any_loss() {
     let mut s = session(&hub);
     s.subscribe("A");
     drain(&mut s);
+    // Their events a second old: the warning gives the age of the tick it came with.
+    let a_second_ago = clock::now_unix_nanos() - 1_000_000_000;
     for _ in 0..60 {
-        hub.publish("A", 1.0, 0).unwrap();
+        hub.publish("A", 1.0, a_second_ago).unwrap();
     }
     let msgs = drain(&mut s);
     let warning = msgs
@@ -236,6 +238,11 @@ fn a_backlog_past_half_the_channel_is_announced_before_any_loss() {
     assert_eq!(
         msgs[warning].queue_depth,
         60 - u64::from(BACKLOG_CHECK_EVERY)
+    );
+    let age = Duration::from_nanos(msgs[warning].queue_age_nanos);
+    assert!(
+        (Duration::from_secs(1)..Duration::from_millis(1500)).contains(&age),
+        "{age:?}"
     );
     assert!(msgs.iter().all(|m| m.kind() != Kind::Lagged));
     assert_eq!(msgs.len(), 61, "60 ticks and one warning");
