@@ -4,7 +4,9 @@
 
 use futures_util::task::noop_waker_ref;
 
-use super::super::testing::{anonymous, drain, kinds, session, session_until, subscribed, ticket};
+use super::super::testing::{
+    anonymous, drain, kinds, session, session_until, subscribed, tick_and_drain, ticket,
+};
 use super::*;
 use crate::{
     hub::{Hub, HubConfig},
@@ -423,4 +425,55 @@ fn a_tick_published_just_before_the_bell_is_armed_is_not_left_behind() {
         Poll::Ready(_) => panic!("the stream ended or failed"),
         Poll::Pending => panic!("the tick published before the bell was armed waits"),
     }
+}
+
+/// While open, takes every tick of one symbol, as a publish framing it straight into
+/// the connection would.
+#[derive(Debug)]
+struct SinkFor(&'static str, std::sync::atomic::AtomicBool);
+
+impl crate::hub::DirectSink for SinkFor {
+    fn offer(&self, tick: &Tick) -> bool {
+        self.is_open() && &*tick.symbol == self.0
+    }
+
+    fn is_open(&self) -> bool {
+        self.1.load(Ordering::SeqCst)
+    }
+
+    fn sent(&self) -> u64 {
+        0
+    }
+}
+
+/// A subscription looked at for news that was all sent straight into the connection
+/// (news, and nothing to take) leaves the other subscriptions' news in place: a tick
+/// the walk did not reach is still taken on the next poll.
+#[test]
+fn news_sent_directly_leaves_the_other_subscriptions_news() {
+    use futures_core::Stream as _;
+
+    let hub = Hub::new(HubConfig::default());
+    let mut s = subscribed(&hub, &["X", "Y", "Z"]);
+    let sink = Arc::new(SinkFor("Y", false.into()));
+    s.set_direct(sink.clone());
+    let mut next = |s: &mut Session| {
+        let mut cx = Context::from_waker(noop_waker_ref());
+        match std::pin::Pin::new(s).poll_next(&mut cx) {
+            Poll::Ready(Some(Ok(out))) => out.to_response().symbol,
+            _ => panic!("a message was due"),
+        }
+    };
+    // X, then Y, then X served: the walk starts at Y next, and Y's hint is still set.
+    assert_eq!(tick_and_drain(&hub, &mut s, "X"), [(Kind::Tick, 2)]);
+    hub.publish("Y", 2.0, 0).unwrap();
+    hub.publish("X", 3.0, 0).unwrap();
+    assert_eq!((next(&mut s), next(&mut s)), ("Y".into(), "X".into()));
+    // Y's next tick goes straight to the connection; Z and X wait in their rings.
+    sink.1.store(true, Ordering::SeqCst);
+    for symbol in ["Y", "Z", "X"] {
+        hub.publish(symbol, 4.0, 0).unwrap();
+    }
+    let symbols: String = drain(&mut s).iter().map(|m| m.symbol.clone()).collect();
+    assert_eq!(symbols, "ZX");
 }
