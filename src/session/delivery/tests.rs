@@ -457,7 +457,7 @@ fn news_sent_directly_leaves_the_other_subscriptions_news() {
     let mut s = subscribed(&hub, &["X", "Y", "Z"]);
     let sink = Arc::new(SinkFor("Y", false.into()));
     s.set_direct(sink.clone());
-    let mut next = |s: &mut Session| {
+    let next = |s: &mut Session| {
         let mut cx = Context::from_waker(noop_waker_ref());
         match std::pin::Pin::new(s).poll_next(&mut cx) {
             Poll::Ready(Some(Ok(out))) => out.to_response().symbol,
