@@ -187,16 +187,23 @@ fn every_ready_tick_is_yielded_in_one_poll_pass() {
     assert_eq!(seqs, (2..=11).collect::<Vec<_>>());
 }
 
-#[test]
-fn overflow_becomes_an_exact_lag_notice_before_the_next_tick() {
+/// A hub whose rings hold `capacity` ticks, and a session subscribed to A (seq 1),
+/// its ack and snapshot drained.
+fn on_a_ring_of(capacity: usize) -> (Hub, Session) {
     let hub = Hub::new(HubConfig {
-        channel_capacity: 4,
+        channel_capacity: capacity,
         ..HubConfig::default()
     });
     hub.publish("A", 1.0, 0).unwrap();
     let mut s = session(&hub);
     s.subscribe("A");
     drain(&mut s);
+    (hub, s)
+}
+
+#[test]
+fn overflow_becomes_an_exact_lag_notice_before_the_next_tick() {
+    let (hub, mut s) = on_a_ring_of(4);
     for _ in 0..10 {
         hub.publish("A", 1.0, 0).unwrap();
     }
@@ -214,14 +221,7 @@ fn overflow_becomes_an_exact_lag_notice_before_the_next_tick() {
 
 #[test]
 fn a_backlog_past_half_the_channel_is_announced_before_any_loss() {
-    let hub = Hub::new(HubConfig {
-        channel_capacity: 64,
-        ..HubConfig::default()
-    });
-    hub.publish("A", 1.0, 0).unwrap();
-    let mut s = session(&hub);
-    s.subscribe("A");
-    drain(&mut s);
+    let (hub, mut s) = on_a_ring_of(64);
     // Their events a second old: the warning gives the age of the tick it came with.
     let a_second_ago = clock::now_unix_nanos() - 1_000_000_000;
     for _ in 0..60 {
@@ -258,14 +258,7 @@ fn a_backlog_warns_once_until_it_falls_below_a_quarter() {
     use crate::pb::TickerResponse;
     use futures_core::Stream as _;
 
-    let hub = Hub::new(HubConfig {
-        channel_capacity: 64,
-        ..HubConfig::default()
-    });
-    hub.publish("A", 1.0, 0).unwrap();
-    let mut s = session(&hub);
-    s.subscribe("A");
-    drain(&mut s);
+    let (hub, mut s) = on_a_ring_of(64);
     let publish = |n: usize| {
         for _ in 0..n {
             hub.publish("A", 1.0, 0).unwrap();
