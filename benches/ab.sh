@@ -31,7 +31,10 @@ RUNS=$1; shift
 RATE=${RATE:-5000}
 DURATION=${DURATION:-6s}
 LAYOUT=${LAYOUT:-random}
-PORT=${PORT:-50074}
+# Below Linux's ephemeral range (32768-60999): a port in it can be held by some client
+# socket of the run before (the floor's, the load generator's), and the next server fails
+# to bind it.
+PORT=${PORT:-30074}
 GO_PEER_DIR=${GO_PEER_DIR:-../shared/reference/go-peer}
 cargo build --release --quiet --bin tickerd-bench
 case " $* " in *" floor "*) cargo bench --quiet --bench floor --no-run ;; esac

@@ -23,20 +23,20 @@ wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/n
 "$NATS" -js -a 127.0.0.1 -p 14299 -sd "$store" > /tmp/cluster-nats.log 2>&1 &
 nats_pid=$!; pids+=("$nats_pid"); wait_port 14299
 # shellcheck disable=SC2086
-./target/release/tickerd --feed none --listen 127.0.0.1:50081 --cluster nats://127.0.0.1:14299 $TICKERD_ARGS > /tmp/cluster-a.log 2>&1 &
+./target/release/tickerd --feed none --listen 127.0.0.1:30081 --cluster nats://127.0.0.1:14299 $TICKERD_ARGS > /tmp/cluster-a.log 2>&1 &
 a=$!; pids+=("$a")
 # shellcheck disable=SC2086
-./target/release/tickerd --feed none --listen 127.0.0.1:50082 --cluster nats://127.0.0.1:14299 $TICKERD_ARGS > /tmp/cluster-b.log 2>&1 &
+./target/release/tickerd --feed none --listen 127.0.0.1:30082 --cluster nats://127.0.0.1:14299 $TICKERD_ARGS > /tmp/cluster-b.log 2>&1 &
 b=$!; pids+=("$b")
-wait_port 50081; wait_port 50082
+wait_port 30081; wait_port 30082
 echo "== cluster: 2 tickerd nodes on one nats-server ($("$NATS" --version))"
-./target/release/tickerd-bench --server http://127.0.0.1:50081,http://127.0.0.1:50082 \
+./target/release/tickerd-bench --server http://127.0.0.1:30081,http://127.0.0.1:30082 \
   --server-pid "$a,$b" --bus-pid "$nats_pid" "${BENCH_ARGS[@]}" || true
 kill "$a" "$b" "$nats_pid"; wait "$a" "$b" "$nats_pid" 2>/dev/null || true
 pids=()
 
 # shellcheck disable=SC2086
-./target/release/tickerd --feed none --listen 127.0.0.1:50083 $TICKERD_ARGS > /tmp/cluster-single.log 2>&1 &
-s=$!; pids+=("$s"); wait_port 50083
+./target/release/tickerd --feed none --listen 127.0.0.1:30083 $TICKERD_ARGS > /tmp/cluster-single.log 2>&1 &
+s=$!; pids+=("$s"); wait_port 30083
 echo "== single node"
-./target/release/tickerd-bench --server http://127.0.0.1:50083 --server-pid "$s" "${BENCH_ARGS[@]}" || true
+./target/release/tickerd-bench --server http://127.0.0.1:30083 --server-pid "$s" "${BENCH_ARGS[@]}" || true

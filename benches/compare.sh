@@ -28,6 +28,6 @@ run() { # name port command...
 
 BENCH_ARGS=("$@")
 # shellcheck disable=SC2086
-run tickerd 50071 ./target/release/tickerd --feed none --listen 127.0.0.1:50071 $TICKERD_ARGS
+run tickerd 30071 ./target/release/tickerd --feed none --listen 127.0.0.1:30071 $TICKERD_ARGS
 # shellcheck disable=SC2086
-run go-peer 50061 "$GO_PEER_DIR/bin/go-peer" --listen 127.0.0.1:50061 $GO_PEER_ARGS
+run go-peer 30061 "$GO_PEER_DIR/bin/go-peer" --listen 127.0.0.1:30061 $GO_PEER_ARGS

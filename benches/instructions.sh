@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --quiet --bin tickerd --bin tickerd-bench
 BIN=${1:-target/release/tickerd}
-PORT=${PORT:-50072}
+PORT=${PORT:-30072}
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 

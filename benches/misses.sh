@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 cargo build --release --quiet --bin tickerd --bin tickerd-bench
 BIN=${1:-target/release/tickerd}
 RATE=${RATE:-100}
-PORT=${PORT:-50073}
+PORT=${PORT:-30073}
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 

@@ -8,8 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --quiet --bin tickerd --bin tickerd-bench
-GRPC=50081
-WEB=50082
+GRPC=30081
+WEB=30082
 ./target/release/tickerd --feed none --listen "127.0.0.1:$GRPC" --web-listen "127.0.0.1:$WEB" \
   > /tmp/web-bench-tickerd.log 2>&1 &
 pid=$!

@@ -67,7 +67,7 @@ PY
 }
 
 for rate in "${RATES[@]}"; do
-  run tickerd 50071 "$rate" ./target/release/tickerd --feed none --listen 127.0.0.1:50071
-  run tickerd-hyper 50072 "$rate" ./target/release/tickerd --feed none --listen 127.0.0.1:50072 --http2 hyper
-  run grpc-go 50061 "$rate" "$GO_PEER_DIR/bin/go-peer" --listen 127.0.0.1:50061
+  run tickerd 30071 "$rate" ./target/release/tickerd --feed none --listen 127.0.0.1:30071
+  run tickerd-hyper 30072 "$rate" ./target/release/tickerd --feed none --listen 127.0.0.1:30072 --http2 hyper
+  run grpc-go 30061 "$rate" "$GO_PEER_DIR/bin/go-peer" --listen 127.0.0.1:30061
 done
