@@ -359,6 +359,36 @@ async fn a_node_cut_from_nats_tells_its_clients_goes_unhealthy_and_catches_up() 
     }
 }
 
+/// A tick whose store JetStream never confirms (the bus silent, the connection not yet
+/// known lost) is refused after `--cluster-publish-timeout`, not the client library's own
+/// 5 s default, and the Publish call goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tick_never_confirmed_is_refused_after_the_publish_timeout() {
+    let nats = Nats::start();
+    let proxy = Proxy::start(nats.port).await;
+    let a = node_with(&proxy.url(), |c| {
+        // Pings so rare the cut goes unnoticed: only the ack's wait can end the publish.
+        c.cluster.cluster_ping_interval = Duration::from_secs(60);
+        c.cluster.cluster_unhealthy_after = Duration::from_secs(120);
+        c.cluster.cluster_publish_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let counts = publish(&mut a.client().await, priced("X", 1, 1)).await;
+    assert_eq!((counts.accepted, counts.rejected), (1, 0));
+
+    proxy.cut();
+    let mut client = a.client().await;
+    let refused = tokio::time::timeout(
+        Duration::from_secs(4),
+        client.publish(tokio_stream::iter(priced("X", 2, 2))),
+    )
+    .await
+    .expect("refused before async-nats's own 5 s timeout")
+    .expect("the Publish call ends with its counts")
+    .into_inner();
+    assert_eq!((refused.accepted, refused.rejected), (0, 2));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_longer_than_the_history_is_announced_with_the_exact_count() {
     let nats = Nats::start();

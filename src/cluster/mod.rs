@@ -91,8 +91,9 @@ pub struct ClusterArgs {
           value_parser = humantime::parse_duration)]
     pub cluster_linger: Duration,
 
-    /// How long JetStream may take to confirm a stored tick; past it the tick counts
-    /// as rejected for its publisher.
+    /// How long JetStream may take to confirm a stored tick (and to answer the read
+    /// of its symbol's last tick, when the node must read it first); past it the tick
+    /// counts as rejected for its publisher.
     #[arg(long, env = "TICKERD_CLUSTER_PUBLISH_TIMEOUT", default_value = "2s",
           value_parser = humantime::parse_duration)]
     pub cluster_publish_timeout: Duration,
@@ -172,6 +173,10 @@ struct Inner {
     epoch: u64,
     stream: stream::Stream,
     context: jetstream::Context,
+    /// The same client with `--cluster-publish-timeout` as its timeout, for the
+    /// sequencer's publishes: their acks then need no timer of ours besides
+    /// async-nats's own.
+    publisher: jetstream::Context,
     args: ClusterArgs,
     history_size: usize,
     connected: watch::Receiver<bool>,
@@ -263,12 +268,16 @@ impl Cluster {
         let epoch = epoch_of(&info);
         tracing::info!(stream = %name, epoch, server = %client_version(&context), "cluster connected");
         let (submit, queue) = mpsc::channel(sequencer::QUEUE);
+        let publisher = jetstream::ContextBuilder::new()
+            .timeout(args.cluster_publish_timeout)
+            .build(context.client());
         Ok(Cluster {
             inner: Arc::new(Inner {
                 name,
                 epoch,
                 stream,
                 context,
+                publisher,
                 args: args.clone(),
                 history_size: kept.max(1) as usize,
                 connected,

@@ -255,9 +255,25 @@ async fn publish(
     let subject = codec::subject(&inner.name, symbol);
     let (stream_seq, seq) = match last {
         Some(last) => last,
-        None => match last_stored(&inner.stream, &subject).await {
-            Ok(last) => last,
-            Err(e) => return Outcome::Failed(e),
+        // Boxed, as are a batch's publish and the send below: each publish's future is
+        // boxed (`fly`), and one over glibc's per-thread cache limit (1,032 bytes) cost
+        // a `malloc_consolidate` per publish; this way it stays a few hundred bytes.
+        // Bounded by the publish timeout too (the stream handle's own is 5 s), so a
+        // publisher hears about every tick within it.
+        None => match Box::pin(tokio::time::timeout(
+            inner.args.cluster_publish_timeout,
+            last_stored(&inner.stream, &subject),
+        ))
+        .await
+        {
+            Ok(Ok(last)) => last,
+            Ok(Err(e)) => return Outcome::Failed(e),
+            Err(_) => {
+                return Outcome::Failed(IngestError::Rejected(format!(
+                    "JetStream did not answer the read of {symbol}'s last tick within {}",
+                    humantime::format_duration(inner.args.cluster_publish_timeout)
+                )))
+            }
         },
     };
     let tick = |i: usize| {
@@ -268,28 +284,36 @@ async fn publish(
             event_time: submits[i].event_time,
         })
     };
-    let timeout = inner.args.cluster_publish_timeout;
     if submits.len() > 1 {
-        return publish_batch(cluster, subject, stream_seq, seq, submits.len(), tick).await;
+        return Box::pin(publish_batch(
+            cluster,
+            subject,
+            stream_seq,
+            seq,
+            submits.len(),
+            tick,
+        ))
+        .await;
     }
     let message = PublishMessage::build()
         .payload(tick(0))
         .expected_last_subject_sequence(stream_seq);
-    let sent = match inner.context.send_publish(subject, message).await {
+    // Boxed too: its future alone is most of a kilobyte.
+    let sent = match Box::pin(inner.publisher.send_publish(subject, message)).await {
         Ok(ack) => ack,
         Err(e) => return Outcome::Failed(unavailable(cluster, e.to_string())),
     };
-    match tokio::time::timeout(timeout, sent).await {
-        Ok(Ok(ack)) => Outcome::Stored {
+    // `publisher`'s timeout is `--cluster-publish-timeout`: the ack's wait ends there.
+    match sent.await {
+        Ok(ack) => Outcome::Stored {
             stream_seq: ack.sequence,
             seq: seq + 1,
         },
-        Ok(Err(e)) if e.kind() == PublishErrorKind::WrongLastSequence => Outcome::Conflict,
-        Ok(Err(e)) if e.kind() == PublishErrorKind::TimedOut => {
-            Outcome::Failed(not_confirmed(timeout))
+        Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Outcome::Conflict,
+        Err(e) if e.kind() == PublishErrorKind::TimedOut => {
+            Outcome::Failed(not_confirmed(inner.args.cluster_publish_timeout))
         }
-        Ok(Err(e)) => Outcome::Failed(unavailable(cluster, e.to_string())),
-        Err(_) => Outcome::Failed(not_confirmed(timeout)),
+        Err(e) => Outcome::Failed(unavailable(cluster, e.to_string())),
     }
 }
 
