@@ -73,9 +73,8 @@ pub fn init(format: LogFormat) -> Guard {
 /// The default is RUST_LOG's most verbose level, not TRACE: the subscriber's level hint
 /// is the most verbose of its filters', and the `log` crate's max level is set from it,
 /// so a TRACE default let every `log::trace!` of the WebSocket library (a few per frame)
-/// reach the log bridge only to be dropped there: with 1,000 WebSocket sessions at 50k
-/// deliveries/s the server's CPU per delivery fell 8% without it (5.90–6.03 → 5.35–5.45
-/// µs, three alternating runs each).
+/// reach the log bridge only to be dropped there (the cost, measured: `benches/README.md`,
+/// changelog row 88f0aaa).
 fn never_payloads(filter: &EnvFilter) -> tracing_subscriber::filter::Targets {
     let most_verbose = filter.max_level_hint().unwrap_or(LevelFilter::TRACE);
     let quiet = most_verbose.min(LevelFilter::INFO);
